@@ -1,0 +1,182 @@
+"""Shipped data sets (nothing is downloaded) and the user's own arrays.
+
+* 2-D sets, generated: ``"moons"``, ``"swissroll"`` and ``"gmm"`` (a Gaussian mixture whose
+  density is known exactly, :class:`GaussianMixture2D`, for likelihood checks).
+* ``"digits"``: scikit-learn's 8×8 digits (1,797 images with 17 grey levels 0..16), scaled to
+  [−1, 1] as ``x/8 − 1`` and shaped ``(1, 8, 8)``; K = 17 for the discretized decoder.  The
+  split is fixed: 297 test images (``train_test_split(random_state=0)``, stratified).
+* A path to a ``.npy`` or ``.pt`` file holding an array ``(N, *event_shape)``.
+
+:func:`load_dataset` returns a :class:`Dataset` with ``train`` and ``test`` tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["Dataset", "GaussianMixture2D", "load_dataset", "DATASETS", "DIGITS_LEVELS"]
+
+DATASETS = ("moons", "swissroll", "gmm", "digits")
+DIGITS_LEVELS = 17
+DIGITS_TEST_SIZE = 297
+
+
+@dataclass
+class Dataset:
+    """Train and test tensors of one data set, with what the model needs to know about it."""
+
+    name: str
+    train: torch.Tensor
+    test: torch.Tensor
+    num_levels: int | None = None  # K for K-level data in [−1, 1]; None for continuous data
+    labels_train: torch.Tensor | None = None
+    labels_test: torch.Tensor | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def event_shape(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return len(self.event_shape) == 3
+
+
+class GaussianMixture2D:
+    """An equal-weight mixture of isotropic 2-D Gaussians on a circle; exact ``log_prob``.
+
+    Args:
+        num_components: number of components.
+        radius: radius of the circle of means.
+        std: standard deviation of each component.
+    """
+
+    def __init__(self, num_components: int = 8, radius: float = 1.5, std: float = 0.3) -> None:
+        angles = torch.arange(num_components, dtype=torch.float64) * 2 * math.pi / num_components
+        self.means = torch.stack([radius * torch.cos(angles), radius * torch.sin(angles)], 1)
+        self.std = std
+        self.num_components = num_components
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        component = torch.randint(self.num_components, (n,), generator=generator)
+        noise = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+        return (self.means[component] + self.std * noise).float()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(torch.float64)
+        d2 = ((x[:, None, :] - self.means[None]) ** 2).sum(-1)
+        log_norm = -math.log(2 * math.pi * self.std**2)
+        return torch.logsumexp(-0.5 * d2 / self.std**2 + log_norm, 1) - math.log(self.num_components)
+
+    def entropy(self, num_samples: int = 200_000, seed: int = 0) -> tuple[float, float]:
+        """Monte Carlo estimate of H = −E log p(x) in nats, with its standard error."""
+        g = torch.Generator().manual_seed(seed)
+        values = -self.log_prob(self.sample(num_samples, g))
+        return values.mean().item(), (values.std() / math.sqrt(num_samples)).item()
+
+
+def _moons(n: int, rng: np.random.Generator) -> np.ndarray:
+    from sklearn.datasets import make_moons
+
+    x, _ = make_moons(n, noise=0.06, random_state=int(rng.integers(2**31)))
+    return ((x - np.array([0.5, 0.25])) / np.array([0.87, 0.5])).astype(np.float32)
+
+
+def _swissroll(n: int, rng: np.random.Generator) -> np.ndarray:
+    from sklearn.datasets import make_swiss_roll
+
+    x, _ = make_swiss_roll(n, noise=0.3, random_state=int(rng.integers(2**31)))
+    return (x[:, [0, 2]] / 7.0).astype(np.float32)
+
+
+def _toy(name: str, num_train: int, num_test: int, seed: int) -> Dataset:
+    rng = np.random.default_rng(seed)
+    if name == "gmm":
+        mixture = GaussianMixture2D()
+        g = torch.Generator().manual_seed(seed)
+        return Dataset(
+            name, mixture.sample(num_train, g), mixture.sample(num_test, g), extra={"mixture": mixture}
+        )
+    make = {"moons": _moons, "swissroll": _swissroll}[name]
+    return Dataset(name, torch.from_numpy(make(num_train, rng)), torch.from_numpy(make(num_test, rng)))
+
+
+def _digits() -> Dataset:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32) / 8.0 - 1.0  # 0..16 → −1..1 in steps of 1/8
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=DIGITS_TEST_SIZE, random_state=0, stratify=digits.target
+    )
+    return Dataset(
+        "digits",
+        torch.from_numpy(x_train)[:, None],
+        torch.from_numpy(x_test)[:, None],
+        num_levels=DIGITS_LEVELS,
+        labels_train=torch.from_numpy(y_train),
+        labels_test=torch.from_numpy(y_test),
+    )
+
+
+def _user_file(path: Path, test_fraction: float, seed: int) -> Dataset:
+    if path.suffix == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise ValueError(f"data: {path} is not a plain numeric .npy array ({error})") from error
+        tensor = torch.from_numpy(np.asarray(array))
+    elif path.suffix == ".pt":
+        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"data: {path} must hold a single tensor, found {type(tensor).__name__}")
+    else:
+        raise ValueError(f"data: expected a .npy or .pt file, got {path.name!r}")
+    if tensor.dim() < 2 or tensor.shape[0] < 2:
+        raise ValueError(
+            f"data: {path} must hold an array (N, *event_shape) with N >= 2, got shape {tuple(tensor.shape)}"
+        )
+    if not (
+        tensor.is_floating_point()
+        or tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+    ):
+        raise ValueError(f"data: {path} must hold numbers, got dtype {tensor.dtype}")
+    tensor = tensor.float()
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"data: {path} contains NaN or infinite values")
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(tensor.shape[0], generator=g)
+    num_test = max(1, int(round(test_fraction * tensor.shape[0])))
+    return Dataset(path.stem, tensor[order[num_test:]], tensor[order[:num_test]])
+
+
+def load_dataset(
+    name: str | Path,
+    *,
+    num_train: int = 20_000,
+    num_test: int = 5_000,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+) -> Dataset:
+    """Load a shipped data set by name or the user's ``.npy``/``.pt`` file by path.
+
+    ``num_train``/``num_test``/``seed`` apply to the generated 2-D sets; ``test_fraction`` and
+    ``seed`` to user files (a fixed random split).  The digits split is always the same."""
+    path = Path(name)
+    if str(name) in DATASETS:
+        if name == "digits":
+            return _digits()
+        return _toy(str(name), num_train, num_test, seed)
+    if path.suffix in (".npy", ".pt"):
+        if not path.exists():
+            raise FileNotFoundError(f"data: no such file {str(path)!r}")
+        return _user_file(path, test_fraction, seed)
+    raise ValueError(
+        f"data: unknown data set {str(name)!r}; expected one of {DATASETS} or a path to a .npy/.pt file"
+    )
