@@ -58,6 +58,9 @@ class GaussianDiffusion(nn.Module):
         guide_order: default order of :meth:`guide`: ``"posterior"`` or ``"forward"``.
         name: the name under which the parameters enter Pyro's param store, and the prefix
             of the plate name; give two diffusions in one program different names.
+        autocast_dtype: run the denoiser under ``torch.autocast`` in this dtype (e.g.
+            ``torch.bfloat16``); its output is cast back to the data's dtype, so the bound's
+            arithmetic stays in float32 or higher.  ``None`` (default): no autocast.
 
     Example::
 
@@ -79,6 +82,7 @@ class GaussianDiffusion(nn.Module):
         num_levels: int | None = None,
         guide_order: str = "posterior",
         name: str = "diffusion",
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(denoiser, nn.Module):
@@ -112,6 +116,7 @@ class GaussianDiffusion(nn.Module):
         self.num_levels = num_levels
         self.guide_order = guide_order
         self.name = name
+        self.autocast_dtype = autocast_dtype
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -182,7 +187,12 @@ class GaussianDiffusion(nn.Module):
     # ------------------------------------------------------------------ the network
     def denoise(self, x_t: torch.Tensor, t: torch.Tensor):
         """Run the denoiser; returns (mean output, variance output or None)."""
-        output = self.denoiser(x_t, t)
+        if self.autocast_dtype is None:
+            output = self.denoiser(x_t, t)
+        else:
+            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
+                output = self.denoiser(x_t, t)
+            output = output.to(x_t.dtype)
         expected = (x_t.shape[0], *self.event_shape)
         if self.variance == "learned":
             expected = (x_t.shape[0], 2 * self.event_shape[0], *self.event_shape[1:])
