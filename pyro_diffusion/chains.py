@@ -28,6 +28,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro.nn import PyroModule
+from pyro.poutine.util import site_is_subsample
 from torch.distributions import kl_divergence, register_kl
 
 from .schedule import NoiseSchedule
@@ -194,7 +195,9 @@ def per_site_kl(model_trace, guide_trace) -> dict[str, torch.Tensor]:
     ``TraceMeanField_ELBO`` sums); sites without an analytic KL are left out."""
     out = {}
     for name, site in model_trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or name not in guide_trace.nodes:
+        if site["type"] != "sample" or site["is_observed"] or site_is_subsample(site):
+            continue
+        if name not in guide_trace.nodes:
             continue
         try:
             out[name] = kl_divergence(guide_trace.nodes[name]["fn"], site["fn"])
