@@ -16,8 +16,10 @@ distributions the chains use.  Losses are sums over the batch, as Pyro's ELBOs a
 
 from __future__ import annotations
 
+import pyro
 import torch
 from pyro.infer import ELBO
+from pyro.poutine.runtime import _PYRO_STACK
 
 from .bound import prior_term, q_sample, step_terms_given
 from .chains import ForwardChain, ReverseChain
@@ -49,6 +51,23 @@ def diffusion_of(model, guide):
     return model_owner
 
 
+def _needs_register(diffusion) -> bool:
+    """Whether ``diffusion.register()`` has anything to do this call.
+
+    It must run whenever a Pyro handler is active (``SVI`` finds the parameters to optimize
+    through ``poutine.trace(param_only=True)``), and whenever the param store does not hold
+    this diffusion's parameters.  In a plain PyTorch loop over the ``ELBOModule`` (no handler,
+    parameters already in the store) it is skipped: it costs about as much as the optimizer
+    step of a small network (``docs/benchmarks.md``)."""
+    if _PYRO_STACK:
+        return True
+    first = next((item for item in diffusion.named_parameters() if item[1].requires_grad), None)
+    if first is None:
+        return False
+    store = pyro.get_param_store()
+    return store._params.get(f"{diffusion.name}$$${first[0]}") is not first[1]
+
+
 class _DiffusionLoss(ELBO):
     """Shared plumbing: find the diffusion, check data, register parameters, sum per datum."""
 
@@ -69,7 +88,8 @@ class _DiffusionLoss(ELBO):
         if x0 is None:
             raise ValueError("x0: these losses need data; got None")
         diffusion.check_data(x0)
-        diffusion.register()
+        if _needs_register(diffusion):
+            diffusion.register()
         return self.per_datum(diffusion, x0).sum()
 
     def loss(self, model, guide, *args, **kwargs) -> float:
