@@ -1,0 +1,150 @@
+"""Figures for runs and comparisons, written as PNG files (matplotlib, Agg backend).
+
+* :func:`loss_curves` — training loss against SVI step, one line per run (smoothed).
+* :func:`term_profile` — the per-step terms L_t against t in bits/dim: where the bound spends
+  its bits (DESIGN.md §6).
+* :func:`sample_grid` / :func:`scatter` — samples of images or of 2-D data.
+* :func:`forward_chain` — one datum noised by q(x_t | x_0) at a few steps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+__all__ = ["loss_curves", "term_profile", "sample_grid", "scatter", "forward_chain"]
+
+
+def _smooth(values: Sequence[float], window: int) -> np.ndarray:
+    values = np.asarray(values, dtype=float)
+    if window <= 1 or len(values) < window:
+        return values
+    kernel = np.ones(window) / window
+    return np.convolve(values, kernel, mode="valid")
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def loss_curves(histories: Mapping[str, Sequence[float]], path: str | Path, window: int = 50) -> Path:
+    """Training loss per datum against step, one line per entry (moving average over
+    ``window`` steps).  Losses of different objectives are in different units, so each gets
+    its own panel."""
+    if not histories:
+        raise ValueError("histories: expected at least one loss history")
+    fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3), squeeze=False)
+    for ax, (name, history) in zip(axes[0], histories.items()):
+        smooth = _smooth(history, window)
+        ax.plot(np.arange(len(smooth)) + min(window, len(history)), smooth)
+        ax.set_title(name)
+        ax.set_xlabel("SVI step")
+        ax.set_ylabel("loss per datum")
+        if len(smooth) and np.all(smooth > 0):
+            ax.set_yscale("log")
+    return _save(fig, path)
+
+
+def term_profile(profiles: Mapping[str, Sequence[float]], path: str | Path) -> Path:
+    """L_t against t (bits/dim, log scale) for each entry; ``profile[i]`` is L_i with i = 0
+    the decoder term and i = T the prior term (the layout of ``vlb_terms``)."""
+    if not profiles:
+        raise ValueError("profiles: expected at least one profile")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
+    for name, profile in profiles.items():
+        profile = np.asarray(profile, dtype=float)
+        steps = np.arange(len(profile))
+        left.plot(steps, np.maximum(profile, 1e-7), label=name)
+        right.plot(steps, np.cumsum(profile), label=name)
+    left.set_yscale("log")
+    left.set_xlabel("t (0 = decoder −log p(x₀|x₁), T = prior KL)")
+    left.set_ylabel("L_t  [bits/dim]")
+    left.set_title("per-step terms")
+    right.set_xlabel("t")
+    right.set_ylabel("Σ_{s≤t} L_s  [bits/dim]")
+    right.set_title("cumulative")
+    right.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def sample_grid(images: torch.Tensor, path: str | Path, ncols: int = 8, title: str | None = None) -> Path:
+    """A grid of images ``(N, C, H, W)`` in [−1, 1] (C = 1 grey, or 3)."""
+    images = torch.as_tensor(images).detach().cpu().float().clamp(-1, 1)
+    if images.dim() != 4:
+        raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
+    n = images.shape[0]
+    nrows = (n + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.8, nrows * 0.8 + (0.3 if title else 0)))
+    for i, ax in enumerate(np.asarray(axes).reshape(-1)):
+        ax.axis("off")
+        if i < n:
+            image = (images[i] + 1) / 2
+            if image.shape[0] == 1:
+                ax.imshow(image[0].numpy(), cmap="gray_r", vmin=0, vmax=1)
+            else:
+                ax.imshow(image.permute(1, 2, 0).numpy())
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def scatter(sets: Mapping[str, torch.Tensor], path: str | Path) -> Path:
+    """Side-by-side scatter plots of 2-D point sets ``(N, 2)`` on shared axes."""
+    fig, axes = plt.subplots(
+        1, len(sets), figsize=(3.2 * len(sets), 3.2), squeeze=False, sharex=True, sharey=True
+    )
+    for ax, (name, points) in zip(axes[0], sets.items()):
+        points = torch.as_tensor(points).detach().cpu().float()
+        if points.dim() != 2 or points.shape[1] != 2:
+            raise ValueError(f"sets[{name!r}]: expected shape (N, 2), got {tuple(points.shape)}")
+        ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
+        ax.set_title(name)
+        ax.set_aspect("equal")
+    return _save(fig, path)
+
+
+def forward_chain(
+    schedule, x0: torch.Tensor, path: str | Path, steps: Sequence[int] | None = None, seed: int = 0
+) -> Path:
+    """One datum ``x0`` (shape ``event_shape``) noised by q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)
+    at the given 1-based ``steps`` (default: 8 steps spread over 1..T); images are shown as
+    pictures, 2-D data as a cloud of 500 draws per step."""
+    T = schedule.num_steps
+    steps = (
+        list(steps) if steps is not None else sorted({1, *np.linspace(1, T, 8).round().astype(int).tolist()})
+    )
+    if any(not 1 <= s <= T for s in steps):
+        raise ValueError(f"steps: expected 1-based steps in 1..{T}, got {steps}")
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.as_tensor(x0).detach().cpu().double()
+    abar = schedule.alphas_cumprod.detach().cpu()
+    image = x0.dim() == 3
+    fig, axes = plt.subplots(1, len(steps) + 1, figsize=(1.4 * (len(steps) + 1), 1.8 if image else 1.6))
+    draws = 1 if image else 500
+    for ax, s in zip(axes, [0, *steps]):
+        a = 1.0 if s == 0 else abar[s - 1].item()
+        noise = torch.randn((draws, *x0.shape), generator=g, dtype=torch.float64)
+        x_t = a**0.5 * x0 + (1 - a) ** 0.5 * noise
+        if image:
+            ax.imshow(((x_t[0, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
+            ax.axis("off")
+        else:
+            ax.scatter(x_t[:, 0], x_t[:, 1], s=1, alpha=0.4)
+            ax.set_xlim(-3, 3)
+            ax.set_ylim(-3, 3)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        ax.set_title(f"t={s}" + ("" if s == 0 else f"\nᾱ={a:.2g}"), fontsize=7)
+    return _save(fig, path)

@@ -1,0 +1,584 @@
+r"""Training runs: a configuration, a model built from it, and SVI over an objective.
+
+A run is a directory::
+
+    config.json      the :class:`TrainConfig` (JSON), written when the run starts
+    metrics.json     training loss history, steps, seconds; ``evaluate`` adds test bits/dim
+    checkpoint.pt    model, Pyro optimizer state, RNG states (torch, numpy, python), the
+                     data-order state and the objective's own state; written atomically
+                     every ``checkpoint_every`` steps (temp file, then ``os.replace``)
+    *.png            figures (:mod:`~pyro_diffusion.plots`)
+
+``train(config, out, resume=True)`` continues a run exactly where its checkpoint stopped:
+the parameters after ``N`` steps are the same whether or not the run was interrupted.  A
+checkpoint written under another configuration is refused (:class:`ConfigMismatchError`).
+
+The objectives (DESIGN.md §4–5) map onto the core losses:
+
+=========  ==================================================  ==================
+name       loss                                                variances
+=========  ==================================================  ==================
+elbo       ``StepSubsampledELBO()``: −ELBO, t ~ U{1..T}        fixed ("large")
+elbo-is    ``StepSubsampledELBO(importance=True)``             fixed ("large")
+simple     ``SimplifiedLoss()``: ‖ε − ε_θ‖²                    fixed ("large")
+hybrid     ``HybridLoss()``: L_simple + λ·L_vlb                learned
+=========  ==================================================  ==================
+
+:data:`OBJECTIVES` and :data:`SCHEDULES` are plain dicts: another module can add entries
+(``OBJECTIVES["mine"] = Objective(...)``) and the CLI and :mod:`~pyro_diffusion.compare`
+pick them up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyro
+import pyro.optim
+import torch
+from pyro.infer import SVI
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import Dataset, load_dataset
+from .diffusion import GaussianDiffusion
+from .losses import HybridLoss, SimplifiedLoss, StepSubsampledELBO
+from .nets import MLPDenoiser, UNetDenoiser
+from .schedule import NoiseSchedule
+
+__all__ = [
+    "TrainConfig",
+    "Objective",
+    "OBJECTIVES",
+    "SCHEDULES",
+    "NETWORKS",
+    "ConfigMismatchError",
+    "FlatDenoiser",
+    "build_schedule",
+    "build_diffusion",
+    "train",
+    "load_run",
+    "evaluate_run",
+    "atomic_save",
+    "write_json",
+]
+
+CHECKPOINT = "checkpoint.pt"
+CONFIG = "config.json"
+METRICS = "metrics.json"
+
+
+# ---------------------------------------------------------------------------- registries
+@dataclass(frozen=True)
+class Objective:
+    """An entry of :data:`OBJECTIVES`: how to build the loss and which variances it needs.
+
+    Args:
+        make_loss: ``() -> pyro.infer.ELBO`` usable in ``SVI``.
+        variance: ``"large"``, ``"small"`` or ``"learned"`` (the denoiser then outputs twice
+            the channels).
+        is_bound: whether the training loss estimates −ELBO (so its values are in nats).
+        description: one line for ``--help`` and tables.
+    """
+
+    make_loss: Callable[[], pyro.infer.ELBO]
+    variance: str = "large"
+    is_bound: bool = True
+    description: str = ""
+
+
+OBJECTIVES: dict[str, Objective] = {
+    "elbo": Objective(StepSubsampledELBO, "large", True, "full ELBO, analytic per-step KLs, t ~ U{1..T}"),
+    "elbo-is": Objective(
+        lambda: StepSubsampledELBO(importance=True),
+        "large",
+        True,
+        "full ELBO, t importance-sampled ∝ √E[ℓ_t²]",
+    ),
+    "simple": Objective(SimplifiedLoss, "large", False, "L_simple = ‖ε − ε_θ‖², t ~ U{1..T}"),
+    "hybrid": Objective(HybridLoss, "learned", False, "L_simple + 0.001·L_vlb, learned variances"),
+}
+
+
+def _linear(config: TrainConfig) -> NoiseSchedule:
+    return NoiseSchedule.linear(config.num_steps, config.beta_start, config.beta_end)
+
+
+def _cosine(config: TrainConfig) -> NoiseSchedule:
+    return NoiseSchedule.cosine(config.num_steps)
+
+
+def _log_snr(config: TrainConfig) -> NoiseSchedule:
+    """log SNR(t) linear in t from ``log_snr_max`` (t = 1) to ``log_snr_min`` (t = T)."""
+    values = torch.linspace(config.log_snr_max, config.log_snr_min, config.num_steps, dtype=torch.float64)
+    return NoiseSchedule.from_log_snr(values)
+
+
+SCHEDULES: dict[str, Callable[[TrainConfig], NoiseSchedule]] = {
+    "linear": _linear,
+    "cosine": _cosine,
+    "log-snr": _log_snr,
+}
+
+
+class FlatDenoiser(nn.Module):
+    """An :class:`~pyro_diffusion.nets.MLPDenoiser` on the flattened datum, reshaped back.
+
+    Input ``(B, *event_shape)``; output ``(B, *event_shape)``, or ``(B, 2·C, *rest)`` for
+    learned variances (mean block first, then the variance block, as ``split_output``
+    expects)."""
+
+    def __init__(
+        self, event_shape: tuple[int, ...], hidden: int = 256, depth: int = 3, learned_variance: bool = False
+    ) -> None:
+        super().__init__()
+        self.event_shape = tuple(event_shape)
+        self.learned_variance = learned_variance
+        self.mlp = MLPDenoiser(math.prod(self.event_shape), hidden, depth, learned_variance)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        out = self.mlp(x.reshape(x.shape[0], -1), t)
+        if self.learned_variance:
+            out = out.reshape(x.shape[0], 2, *self.event_shape)  # (B, 2, C, ...) mean, variance
+            return out.reshape(x.shape[0], 2 * self.event_shape[0], *self.event_shape[1:])
+        return out.reshape(x.shape)
+
+
+def _mlp(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
+    return FlatDenoiser(event_shape, config.hidden, config.depth, learned)
+
+
+def _unet(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
+    if len(event_shape) != 3:
+        raise ValueError(f"network: 'unet' needs image data (C, H, W), got event_shape {tuple(event_shape)}")
+    return UNetDenoiser(event_shape[0], base=config.hidden, multipliers=(1, 2), learned_variance=learned)
+
+
+NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "unet": _unet}
+
+
+# ---------------------------------------------------------------------------- configuration
+@dataclass
+class TrainConfig:
+    """Everything that determines a run (and must match when a run is resumed).
+
+    ``steps`` (how far to train), ``device``, ``checkpoint_every``, ``progress`` and
+    ``eval_batches`` may change between a run and its resumption; all other fields may not.
+    ``schedule`` defaults to ``"log-snr"`` for K-level data; ``None`` fields take data-set
+    dependent defaults in :meth:`resolved`."""
+
+    data: str = "moons"
+    objective: str = "elbo"
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    num_steps: int = 1000
+    schedule: str | None = None
+    beta_start: float | None = None
+    beta_end: float | None = None
+    log_snr_max: float = 7.0
+    log_snr_min: float = -9.0
+    network: str | None = None
+    hidden: int = 256
+    depth: int = 3
+    mean: str = "eps"
+    num_train: int = 20_000
+    num_test: int = 5_000
+    checkpoint_every: int = 500
+    device: str = "cpu"
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    MUTABLE = ("steps", "device", "checkpoint_every", "progress")
+
+    def validate(self) -> TrainConfig:
+        """Raise ``ValueError`` naming the field when a value is out of range."""
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {sorted(OBJECTIVES)}, got {self.objective!r}")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {self.schedule!r}")
+        if self.network is not None and self.network not in NETWORKS:
+            raise ValueError(f"network: expected one of {sorted(NETWORKS)}, got {self.network!r}")
+        for name in ("steps", "batch_size", "num_steps", "hidden", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if not self.log_snr_max > self.log_snr_min:
+            raise ValueError(
+                f"log_snr_max, log_snr_min: expected max > min, got {self.log_snr_max}, {self.log_snr_min}"
+            )
+        return self
+
+    def resolved(self, dataset: Dataset | None = None) -> TrainConfig:
+        """A copy with the data-dependent defaults filled in (schedule, network)."""
+        config = dataclasses.replace(self)
+        image = dataset is not None and dataset.is_image
+        if config.schedule is None:
+            config.schedule = "log-snr" if dataset is not None and dataset.num_levels else "linear"
+        if config.network is None:
+            config.network = "mlp"
+        del image
+        return config.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise ValueError(f"config: unknown fields {sorted(unknown)}")
+        return cls(**values)
+
+
+class ConfigMismatchError(ValueError):
+    """A checkpoint was written under another configuration than the one asked for."""
+
+
+# ---------------------------------------------------------------------------- building
+def build_schedule(config: TrainConfig) -> NoiseSchedule:
+    """The :class:`NoiseSchedule` named by ``config.schedule`` (see :data:`SCHEDULES`)."""
+    if config.schedule not in SCHEDULES:
+        raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {config.schedule!r}")
+    return SCHEDULES[config.schedule](config)
+
+
+def build_diffusion(config: TrainConfig, dataset: Dataset) -> GaussianDiffusion:
+    """The :class:`GaussianDiffusion` for ``config`` on ``dataset``: the discretized decoder
+    for K-level data (``dataset.num_levels``), a Gaussian decoder otherwise; the variance the
+    objective needs; weights initialized from ``config.seed``."""
+    config = config.resolved(dataset)
+    objective = OBJECTIVES[config.objective]
+    learned = objective.variance == "learned"
+    torch.manual_seed(config.seed)
+    denoiser = NETWORKS[config.network](config, dataset.event_shape, learned)
+    discrete = dataset.num_levels is not None
+    return GaussianDiffusion(
+        denoiser,
+        build_schedule(config),
+        dataset.event_shape,
+        mean=config.mean,
+        variance=objective.variance,
+        decoder="discretized" if discrete else "gaussian",
+        num_levels=dataset.num_levels,
+    ).to(config.device)
+
+
+# ---------------------------------------------------------------------------- files
+def atomic_save(obj, path: str | Path) -> None:
+    """``torch.save`` to a temporary file in the same directory, then ``os.replace``: a
+    reader never sees a half-written file, even if the process dies mid-write."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(obj, path: str | Path) -> None:
+    """Write JSON atomically (temp file, then ``os.replace``)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(obj, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+# ---------------------------------------------------------------------------- data order
+class BatchOrder:
+    """Minibatches drawn without replacement from a shuffled order, reshuffled each epoch by
+    a private generator; :meth:`state_dict` captures where it stands."""
+
+    def __init__(self, size: int, batch_size: int, seed: int) -> None:
+        self.size = size
+        self.batch_size = min(batch_size, size)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(size, generator=self.generator)
+        self.position = 0
+        self.epoch = 0
+
+    def next(self) -> torch.Tensor:
+        if self.position + self.batch_size > self.size:
+            self.order = torch.randperm(self.size, generator=self.generator)
+            self.position = 0
+            self.epoch += 1
+        index = self.order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return index
+
+    def state_dict(self) -> dict:
+        return {
+            "generator": self.generator.get_state(),
+            "order": self.order.clone(),
+            "position": self.position,
+            "epoch": self.epoch,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self.order = state["order"].clone()
+        self.position = state["position"]
+        self.epoch = state["epoch"]
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _loss_state(loss) -> dict:
+    """The objective's own tensors (e.g. the importance sampler's running ℓ_t² history)."""
+    return {k: v.clone() for k, v in vars(loss).items() if isinstance(v, torch.Tensor)}
+
+
+def _comparable(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in TrainConfig.MUTABLE}
+
+
+def check_same_config(saved: dict, wanted: dict, where: str) -> None:
+    """Raise :class:`ConfigMismatchError` listing the fields where two configurations differ
+    (ignoring those a resumed run may change: steps, device, checkpoint_every, progress)."""
+    a, b = _comparable(saved), _comparable(wanted)
+    diffs = [f"{k}: checkpoint has {a.get(k)!r}, asked for {b.get(k)!r}" for k in sorted(set(a) | set(b))]
+    diffs = [d for d, k in zip(diffs, sorted(set(a) | set(b))) if a.get(k) != b.get(k)]
+    if diffs:
+        raise ConfigMismatchError(
+            f"resume: the checkpoint in {where} was written under another configuration; "
+            "refusing to continue it. Differences: " + "; ".join(diffs)
+        )
+
+
+# ---------------------------------------------------------------------------- the loop
+def train(
+    config: TrainConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    dataset: Dataset | None = None,
+    stop_after: int | None = None,
+    figures: bool = True,
+) -> dict:
+    """Train ``config`` with ``pyro.infer.SVI`` and write the run directory ``out``.
+
+    Each SVI step takes a minibatch (``config.batch_size`` training data, without
+    replacement within an epoch) and one Adam step on the objective's loss; the recorded
+    loss is the loss per datum (nats for ``elbo``/``elbo-is``, an estimate of −ELBO).
+
+    Args:
+        config: the run's configuration.
+        out: the run directory (created).  It must not hold a checkpoint unless ``resume``.
+        resume: continue from ``out/checkpoint.pt``; the saved configuration must match
+            ``config`` except for ``steps``/``device``/``checkpoint_every``/``progress``.
+        dataset: an already loaded data set (else ``load_dataset(config.data, …)``).
+        stop_after: stop (after checkpointing) once this many steps are done in total, as if
+            interrupted; for tests and time-boxed runs.
+        figures: write loss-curve and sample figures at the end.
+
+    Returns:
+        the metrics dict (also written to ``out/metrics.json``).
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config.validate()
+    dataset = dataset or load_dataset(
+        config.data, num_train=config.num_train, num_test=config.num_test, seed=config.seed
+    )
+    config = config.resolved(dataset)
+    checkpoint_path = out / CHECKPOINT
+    checkpoint = None
+    if checkpoint_path.exists():
+        if not resume:
+            raise FileExistsError(
+                f"out: {out} already holds a checkpoint; pass resume=True (--resume) to continue it "
+                "or choose another run directory"
+            )
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        check_same_config(checkpoint["config"], config.to_dict(), str(out))
+    elif resume:
+        raise FileNotFoundError(f"resume: no checkpoint in {out}; start the run without --resume")
+
+    pyro.clear_param_store()
+    diffusion = build_diffusion(config, dataset)
+    loss = OBJECTIVES[config.objective].make_loss()
+    optim = pyro.optim.Adam({"lr": config.lr})
+    svi = SVI(diffusion.model, diffusion.guide, optim, loss)
+    data = dataset.train.to(config.device)
+    order = BatchOrder(data.shape[0], config.batch_size, config.seed)
+
+    history: list[float] = []
+    step = 0
+    seconds = 0.0
+    if checkpoint is not None:
+        diffusion.load_state_dict(checkpoint["model"])
+        optim.set_state(checkpoint["optim"])
+        for key, value in checkpoint["loss_state"].items():
+            setattr(loss, key, value.to(config.device))
+        order.load_state_dict(checkpoint["order"])
+        _set_rng_state(checkpoint["rng"])
+        history = list(checkpoint["history"])
+        step = checkpoint["step"]
+        seconds = checkpoint["seconds"]
+    else:
+        torch.manual_seed(config.seed)
+        np.random.seed(config.seed)
+        random.seed(config.seed)
+        write_json(config.to_dict(), out / CONFIG)
+
+    def save() -> None:
+        atomic_save(
+            {
+                "config": config.to_dict(),
+                "model": diffusion.state_dict(),
+                "optim": optim.get_state(),
+                "loss_state": _loss_state(loss),
+                "order": order.state_dict(),
+                "rng": _rng_state(),
+                "history": history,
+                "step": step,
+                "seconds": seconds,
+            },
+            checkpoint_path,
+        )
+
+    target = config.steps if stop_after is None else min(config.steps, stop_after)
+    bar = tqdm(total=config.steps, initial=step, desc=config.objective, disable=not config.progress)
+    started = time.perf_counter()
+    while step < target:
+        batch = data[order.next()]
+        value = svi.step(batch) / batch.shape[0]
+        if not math.isfinite(value):
+            bar.close()
+            raise FloatingPointError(f"training: loss became {value} at step {step + 1}")
+        history.append(value)
+        step += 1
+        if step % 10 == 0 or step == target:
+            recent = history[-50:]
+            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}")
+        bar.update(1)
+        if step % config.checkpoint_every == 0 or step == target:
+            seconds += time.perf_counter() - started
+            started = time.perf_counter()
+            save()
+    bar.close()
+
+    metrics = read_json(out / METRICS)
+    metrics.update(
+        {
+            "objective": config.objective,
+            "steps": step,
+            "train_seconds": seconds,
+            "loss_history": history,
+            "final_loss": float(np.mean(history[-100:])) if history else None,
+            "finished": step >= config.steps,
+        }
+    )
+    write_json(metrics, out / METRICS)
+    if figures and step >= config.steps:
+        from . import plots
+
+        plots.loss_curves({config.objective: history}, out / "loss.png")
+        samples = diffusion.sample(64 if dataset.is_image else 1000)
+        if dataset.is_image:
+            plots.sample_grid(samples, out / "samples.png")
+        else:
+            plots.scatter({"data": dataset.test[:1000], "samples": samples}, out / "samples.png")
+    return metrics
+
+
+# ---------------------------------------------------------------------------- using a run
+def load_run(out: str | Path, device: str | None = None) -> tuple[TrainConfig, GaussianDiffusion, Dataset]:
+    """Rebuild a run's configuration, trained diffusion (from its checkpoint) and data set."""
+    out = Path(out)
+    if not (out / CONFIG).exists() or not (out / CHECKPOINT).exists():
+        raise FileNotFoundError(f"run: {out} is not a run directory (needs {CONFIG} and {CHECKPOINT})")
+    checkpoint = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    config = TrainConfig.from_dict(checkpoint["config"])
+    if device is not None:
+        config.device = device
+    dataset = load_dataset(
+        config.data, num_train=config.num_train, num_test=config.num_test, seed=config.seed
+    )
+    diffusion = build_diffusion(config, dataset)
+    diffusion.load_state_dict(checkpoint["model"])
+    diffusion.eval()
+    return config, diffusion, dataset
+
+
+def test_bits_per_dim(
+    diffusion: GaussianDiffusion,
+    test: torch.Tensor,
+    *,
+    batch_size: int = 300,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Test NLL bound in bits/dim from all T + 1 terms, with its per-step profile.
+
+    Returns ``{"bits_per_dim", "bits_per_dim_se", "profile_bits"}`` where ``profile_bits``
+    has length T + 1 (entry i = mean L_i in bits/dim, i = 0 the decoder term, i = T the prior
+    term) and the standard error is over test data (one draw of each x_t per datum)."""
+    torch.manual_seed(seed)
+    device = diffusion.schedule.betas.device
+    rows = []
+    for start in tqdm(range(0, test.shape[0], batch_size), desc="evaluate", disable=not progress):
+        rows.append(diffusion.vlb_terms(test[start : start + batch_size].to(device)).cpu())
+    terms = torch.cat(rows).double() / (diffusion.event_size * math.log(2))
+    per_datum = terms.sum(1)
+    return {
+        "bits_per_dim": per_datum.mean().item(),
+        "bits_per_dim_se": (per_datum.std() / math.sqrt(len(per_datum))).item(),
+        "profile_bits": terms.mean(0).tolist(),
+    }
+
+
+def evaluate_run(out: str | Path, *, device: str | None = None, progress: bool = False) -> dict:
+    """``evaluate --run DIR``: test bits/dim (all T terms) into ``DIR/metrics.json``, with the
+    per-step profile figure ``DIR/profile.png``; returns the updated metrics."""
+    from . import plots
+
+    out = Path(out)
+    config, diffusion, dataset = load_run(out, device)
+    result = test_bits_per_dim(diffusion, dataset.test, seed=config.seed, progress=progress)
+    metrics = read_json(out / METRICS)
+    metrics.update(
+        {
+            "test_bits_per_dim": result["bits_per_dim"],
+            "test_bits_per_dim_se": result["bits_per_dim_se"],
+            "test_profile_bits": result["profile_bits"],
+        }
+    )
+    write_json(metrics, out / METRICS)
+    plots.term_profile({config.objective: result["profile_bits"]}, out / "profile.png")
+    return metrics
