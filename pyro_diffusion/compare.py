@@ -5,7 +5,7 @@ the full ELBO with uniform or importance-sampled t, L_simple, the hybrid with le
 variances) and each seed, :func:`run_comparison` trains a run (``out/<objective>/seed<s>``,
 a normal run directory, resumable), then measures
 
-* the test NLL bound in bits/dim from all T + 1 terms (:func:`training.test_bits_per_dim`);
+* the test NLL bound in bits/dim from all T + 1 terms (:func:`training.bound_bits_per_dim`);
 * sample quality: for 2-D data the energy distance and MMD to held-out data; for digits the
   Fréchet distance in the feature space of a small classifier trained on the training split,
   the classifier's confidence on samples and a nearest-neighbour copy check;
@@ -30,15 +30,15 @@ import numpy as np
 import torch
 
 from . import plots
-from .data import load_dataset
 from .training import (
     CHECKPOINT,
     METRICS,
     OBJECTIVES,
     TrainConfig,
+    bound_bits_per_dim,
     build_diffusion,
+    load_run_data,
     read_json,
-    test_bits_per_dim,
     train,
     write_json,
 )
@@ -120,7 +120,7 @@ def run_comparison(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     base.validate()
-    dataset = load_dataset(base.data, num_train=base.num_train, num_test=base.num_test, seed=0)
+    dataset = load_run_data(base)
     num_samples = num_samples or min(len(dataset.test), 1000)
     classifier = None
     results: dict = {"config": base.resolved(dataset).to_dict(), "seeds": list(seeds), "runs": {}}
@@ -153,7 +153,7 @@ def run_comparison(
                 diffusion.load_state_dict(checkpoint["model"])
                 diffusion.eval()
                 started = time.perf_counter()
-                bound = test_bits_per_dim(diffusion, dataset.test.to(config.device), seed=seed)
+                bound = bound_bits_per_dim(diffusion, dataset.test.to(config.device), seed=seed)
                 quality, samples = _sample_quality(diffusion, dataset, num_samples, seed, classifier)
                 metrics = read_json(run_dir / METRICS)
                 metrics.update(

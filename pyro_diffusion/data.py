@@ -125,7 +125,20 @@ def _digits() -> Dataset:
     )
 
 
-def _user_file(path: Path, test_fraction: float, seed: int) -> Dataset:
+def _check_levels(tensor: torch.Tensor, num_levels: int, path: Path) -> None:
+    if isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2:
+        raise ValueError(f"num_levels: expected an integer K >= 2 or None, got {num_levels!r}")
+    scaled = (tensor.double() + 1) * (num_levels - 1) / 2
+    off = (scaled - scaled.round()).abs().max().item()
+    if tensor.min() < -1 or tensor.max() > 1 or off > 1e-4:
+        raise ValueError(
+            f"data: {path} does not hold {num_levels}-level data in [-1, 1] (levels -1 + 2k/(K-1)); "
+            f"found values in [{tensor.min().item():.4g}, {tensor.max().item():.4g}] up to {off:.3g} "
+            "of a level away from the nearest level. Rescale it, or pass num_levels=None for continuous data"
+        )
+
+
+def _user_file(path: Path, test_fraction: float, seed: int, num_levels: int | None = None) -> Dataset:
     if path.suffix == ".npy":
         try:
             array = np.load(path, allow_pickle=False)
@@ -133,7 +146,10 @@ def _user_file(path: Path, test_fraction: float, seed: int) -> Dataset:
             raise ValueError(f"data: {path} is not a plain numeric .npy array ({error})") from error
         tensor = torch.from_numpy(np.asarray(array))
     elif path.suffix == ".pt":
-        tensor = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # unpickling errors come in several types
+            raise ValueError(f"data: {path} is not a readable .pt tensor file ({error})") from error
         if not isinstance(tensor, torch.Tensor):
             raise ValueError(f"data: {path} must hold a single tensor, found {type(tensor).__name__}")
     else:
@@ -150,10 +166,12 @@ def _user_file(path: Path, test_fraction: float, seed: int) -> Dataset:
     tensor = tensor.float()
     if not torch.isfinite(tensor).all():
         raise ValueError(f"data: {path} contains NaN or infinite values")
+    if num_levels is not None:
+        _check_levels(tensor, num_levels, path)
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(tensor.shape[0], generator=g)
-    num_test = max(1, int(round(test_fraction * tensor.shape[0])))
-    return Dataset(path.stem, tensor[order[num_test:]], tensor[order[:num_test]])
+    num_test = min(tensor.shape[0] - 1, max(1, int(round(test_fraction * tensor.shape[0]))))
+    return Dataset(path.stem, tensor[order[num_test:]], tensor[order[:num_test]], num_levels=num_levels)
 
 
 def load_dataset(
@@ -163,11 +181,33 @@ def load_dataset(
     num_test: int = 5_000,
     seed: int = 0,
     test_fraction: float = 0.2,
+    num_levels: int | None = None,
 ) -> Dataset:
     """Load a shipped data set by name or the user's ``.npy``/``.pt`` file by path.
 
-    ``num_train``/``num_test``/``seed`` apply to the generated 2-D sets; ``test_fraction`` and
-    ``seed`` to user files (a fixed random split).  The digits split is always the same."""
+    Args:
+        name: ``"moons"``, ``"swissroll"``, ``"gmm"``, ``"digits"``, or a path to a ``.npy``
+            (plain numeric, no pickles) or ``.pt`` (one tensor) file holding ``(N, *event_shape)``.
+        num_train, num_test: sizes of the generated 2-D sets.
+        seed: seed of the generated 2-D sets, and of the user-file split.  Train and test of a
+            2-D set are independent draws; the same (name, sizes, seed) gives the same tensors.
+        test_fraction: share of a user file held out as the test split (a fixed random split
+            given ``seed``), in (0, 1).
+        num_levels: for user files, K when the data take K evenly spaced levels in [−1, 1]
+            (checked); the model then uses the discretized decoder.  ``None``: continuous.
+
+    The digits split is always the same (297 test images, stratified, ``random_state=0``).
+
+    Raises:
+        ValueError: unknown name, malformed file, bad sizes; FileNotFoundError: missing file.
+    """
+    for argument, value in (("num_train", num_train), ("num_test", num_test)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction: expected a share in (0, 1), got {test_fraction!r}")
+    if not isinstance(name, (str, Path)):
+        raise TypeError(f"name: expected a data set name or a path, got {type(name).__name__}")
     path = Path(name)
     if str(name) in DATASETS:
         if name == "digits":
@@ -176,7 +216,7 @@ def load_dataset(
     if path.suffix in (".npy", ".pt"):
         if not path.exists():
             raise FileNotFoundError(f"data: no such file {str(path)!r}")
-        return _user_file(path, test_fraction, seed)
+        return _user_file(path, test_fraction, seed, num_levels)
     raise ValueError(
         f"data: unknown data set {str(name)!r}; expected one of {DATASETS} or a path to a .npy/.pt file"
     )

@@ -195,6 +195,7 @@ class TrainConfig:
     mean: str = "eps"
     num_train: int = 20_000
     num_test: int = 5_000
+    num_levels: int | None = None
     checkpoint_every: int = 500
     device: str = "cpu"
     progress: bool = True
@@ -287,6 +288,7 @@ def atomic_save(obj, path: str | Path) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             torch.save(obj, handle)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -301,6 +303,7 @@ def write_json(obj, path: str | Path) -> None:
     with os.fdopen(fd, "w") as handle:
         json.dump(obj, handle, indent=2, sort_keys=True)
         handle.write("\n")
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -381,6 +384,18 @@ def check_same_config(saved: dict, wanted: dict, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
+def load_run_data(config: TrainConfig) -> Dataset:
+    """The run's data set.  2-D sets are drawn with seed 0 whatever the run's seed, so that
+    runs of different seeds see the same data and the same test split."""
+    return load_dataset(
+        config.data,
+        num_train=config.num_train,
+        num_test=config.num_test,
+        seed=0,
+        num_levels=config.num_levels,
+    )
+
+
 def train(
     config: TrainConfig,
     out: str | Path,
@@ -412,9 +427,7 @@ def train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config.validate()
-    dataset = dataset or load_dataset(
-        config.data, num_train=config.num_train, num_test=config.num_test, seed=config.seed
-    )
+    dataset = dataset or load_run_data(config)
     config = config.resolved(dataset)
     checkpoint_path = out / CHECKPOINT
     checkpoint = None
@@ -527,16 +540,14 @@ def load_run(out: str | Path, device: str | None = None) -> tuple[TrainConfig, G
     config = TrainConfig.from_dict(checkpoint["config"])
     if device is not None:
         config.device = device
-    dataset = load_dataset(
-        config.data, num_train=config.num_train, num_test=config.num_test, seed=config.seed
-    )
+    dataset = load_run_data(config)
     diffusion = build_diffusion(config, dataset)
     diffusion.load_state_dict(checkpoint["model"])
     diffusion.eval()
     return config, diffusion, dataset
 
 
-def test_bits_per_dim(
+def bound_bits_per_dim(
     diffusion: GaussianDiffusion,
     test: torch.Tensor,
     *,
@@ -570,7 +581,7 @@ def evaluate_run(out: str | Path, *, device: str | None = None, progress: bool =
 
     out = Path(out)
     config, diffusion, dataset = load_run(out, device)
-    result = test_bits_per_dim(diffusion, dataset.test, seed=config.seed, progress=progress)
+    result = bound_bits_per_dim(diffusion, dataset.test, seed=config.seed, progress=progress)
     metrics = read_json(out / METRICS)
     metrics.update(
         {
