@@ -15,6 +15,7 @@ set before the call.  The CPU figure is coarse (allocator caching, page granular
 
 from __future__ import annotations
 
+import ctypes
 import statistics
 import time
 from collections.abc import Callable
@@ -120,11 +121,16 @@ def interleaved(
     reps: int,
     inner: int,
     warmup: int = 2,
-) -> dict[str, list[float]]:
-    """Time each variant in turn, ``reps`` rounds of ``inner`` calls; returns, per variant,
-    the list of per-round milliseconds per call."""
-    for fn in variants.values():
-        for _ in range(warmup):
+) -> tuple[dict[str, list[float]], dict[str, float | None]]:
+    """Time each variant in turn, ``reps`` rounds of ``inner`` calls.
+
+    Returns ``(times, peaks)``: per variant the list of per-round milliseconds per call, and
+    the peak memory of its first warm-up call (:func:`peak_memory_mb`).  At least one warm-up
+    call is made."""
+    peaks: dict[str, float | None] = {}
+    for name, fn in variants.items():
+        peaks[name] = peak_memory_mb(fn, device)
+        for _ in range(warmup - 1):
             fn()
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in variants}
@@ -136,7 +142,7 @@ def interleaved(
                 fn()
             sync(device)
             times[name].append((time.perf_counter() - start) / inner * 1e3)
-    return times
+    return times, peaks
 
 
 def median(values: list[float]) -> float:
@@ -159,6 +165,15 @@ def _status_kb(field: str) -> int | None:
     return None
 
 
+def _malloc_trim() -> None:
+    """Hand memory that glibc keeps cached back to the system, so that the next peak is
+    measured from what is really in use (no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     """Peak memory of one call of ``fn`` above what was in use before it, in MiB (see the
     module docstring for how, on CUDA and on CPU)."""
@@ -169,6 +184,7 @@ def peak_memory_mb(fn: Callable[[], object], device: torch.device) -> float | No
         fn()
         sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    _malloc_trim()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")

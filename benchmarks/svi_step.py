@@ -25,7 +25,7 @@ from pyro.infer import SVI
 
 from pyro_diffusion import SimplifiedLoss, StepSubsampledELBO
 
-from .common import Problem, Row, interleaved, make_problem, median, paired_ratio, peak_memory_mb
+from .common import Problem, Row, interleaved, make_problem, median, paired_ratio
 
 LOSSES = ("elbo", "simple")
 
@@ -148,8 +148,8 @@ def run(device: torch.device, quick: bool, sizes: tuple[str, ...]) -> list[Row]:
         for loss in LOSSES:
             pyro.clear_param_store()
             steps = step_functions(problem, loss)
-            times = interleaved(steps, device, reps=reps, inner=inner)
-            for variant, fn in steps.items():
+            times, peaks = interleaved(steps, device, reps=reps, inner=inner)
+            for variant in steps:
                 ratio = None if variant == "plain" else paired_ratio(times, variant, "plain")
                 goal = ""
                 if variant in ("svi", "module"):
@@ -162,7 +162,7 @@ def run(device: torch.device, quick: bool, sizes: tuple[str, ...]) -> list[Row]:
                         f"{loss}/{variant}",
                         median(times[variant]),
                         ratio,
-                        peak_memory_mb(fn, device),
+                        peaks[variant],
                         goal,
                     )
                 )
