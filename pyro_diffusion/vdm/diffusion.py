@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..decoders import DiscretizedGaussian
-from .schedules import GammaAt, GammaSchedule, alpha_sigma
+from .schedules import GammaSchedule, alpha_sigma
 
 __all__ = [
     "NoiseLevelDenoiser",
@@ -60,8 +60,9 @@ def snr_step_kl(gamma_s: torch.Tensor, gamma_t: torch.Tensor, eps: torch.Tensor,
 
 def discrete_times(t: torch.Tensor, num_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Round times ``t ∈ [0, 1]`` up to the grid of T steps: returns ``(t_i, t_{i−1})`` with
-    ``i = max(1, ⌈t T⌉)``, so that ``t ~ U(0, 1)`` gives ``i ~ U{1..T}``."""
-    index = torch.ceil(t * num_steps).clamp(1, num_steps)
+    ``i = max(1, ⌈t T⌉)``, so that ``t ~ U(0, 1)`` gives ``i ~ U{1..T}``.  (A time within 1e-9
+    of a grid point counts as on it, so that ``t = i/T`` computed in floating point gives i.)"""
+    index = torch.ceil(t * num_steps - 1e-9).clamp(1, num_steps)
     return index / num_steps, (index - 1) / num_steps
 
 
