@@ -346,6 +346,25 @@ def test_pyro_model_guide_give_the_discrete_bound():
     assert samples.shape == (5, DIM) and ((samples * 8).round() == samples * 8).all()
 
 
+def test_denoiser_decoder_is_a_normalized_learned_decoder():
+    """decoder="denoiser": the K-level decoder's masses sum to 1 per pixel, its scale parameter
+    is in the param store and gets a gradient from the bound."""
+    torch.manual_seed(16)
+    pyro.clear_param_store()
+    net = NoiseLevelDenoiser(MLPDenoiser(2, hidden=16, depth=1))
+    vdm = ContinuousDiffusion(net, LinearGamma(-4.0, 4.0), (2,), num_levels=5, decoder="denoiser")
+    z0 = torch.randn(3, 2)
+    decoder = vdm.decoder_distribution(z0, torch.full((3,), -4.0, dtype=torch.float64))
+    levels = torch.linspace(-1, 1, 5)
+    total = sum(decoder.log_prob(torch.full((3, 2), level.item())).exp() for level in levels)
+    torch.testing.assert_close(total, torch.ones(3, 2), rtol=1e-5, atol=1e-5)
+    x = torch.randint(0, 5, (16, 2)).float() / 2 - 1
+    ContinuousTimeELBO().loss_and_grads(vdm.model, vdm.guide, x)
+    assert vdm.decoder_log_scale.grad is not None and vdm.decoder_log_scale.grad.abs() > 0
+    assert "vdm$$$decoder_log_scale" in pyro.get_param_store()
+    assert vdm.sample(4, 3).shape == (4, 2)
+
+
 def test_simplified_loss_trains_only_the_denoiser():
     torch.manual_seed(15)
     schedule = LearnedGamma(-5.0, 5.0, hidden=8)
@@ -373,6 +392,8 @@ def test_bad_input_names_the_argument():
         vdm.loss_terms(torch.zeros(3, DIM), torch.rand(4, dtype=torch.float64))
     with pytest.raises(TypeError, match="schedule"):
         ContinuousDiffusion(OptimalLinearDenoiser(), NoiseSchedule.linear(10), (DIM,))
+    with pytest.raises(ValueError, match="decoder"):
+        ContinuousDiffusion(OptimalLinearDenoiser(), LinearGamma(), (DIM,), decoder="network")
     with pytest.raises(ValueError, match="num_levels"):
         ContinuousDiffusion(OptimalLinearDenoiser(), LinearGamma(), (DIM,), num_levels=1)
     other = gaussian_vdm(LinearGamma())

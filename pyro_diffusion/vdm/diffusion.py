@@ -38,7 +38,10 @@ from tqdm.auto import tqdm
 from ..decoders import DiscretizedGaussian
 from .schedules import GammaSchedule, alpha_sigma
 
+DECODERS = ("plain", "denoiser")
+
 __all__ = [
+    "DECODERS",
     "NoiseLevelDenoiser",
     "ContinuousDiffusion",
     "BoundTerms",
@@ -156,6 +159,9 @@ class ContinuousDiffusion(nn.Module):
         event_shape: shape of one datum.
         num_levels: K for K-level data in [−1, 1] (discretized decoder); ``None`` for the
             Gaussian decoder on continuous data.
+        decoder: ``"plain"`` (default, VDM's): p(x | z_0) centred at z_0/α_0 with scale σ_0/α_0,
+            no network; ``"denoiser"``: centred at the network's x̂_θ(z_0, γ_0) with scale
+            σ_0/α_0 · exp(s), s a learned scalar (starts at 0).
         num_steps: default T of the Pyro :meth:`model`/:meth:`guide` pair.
         name: the name in Pyro's param store; prefix of the plate name.
 
@@ -174,6 +180,7 @@ class ContinuousDiffusion(nn.Module):
         event_shape: tuple[int, ...] | torch.Size,
         *,
         num_levels: int | None = None,
+        decoder: str = "plain",
         num_steps: int = 100,
         name: str = "vdm",
     ) -> None:
@@ -199,6 +206,11 @@ class ContinuousDiffusion(nn.Module):
         self.schedule = schedule
         self.event_shape = event_shape
         self.num_levels = num_levels
+        if decoder not in DECODERS:
+            raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
+        self.decoder = decoder
+        if decoder == "denoiser":
+            self.decoder_log_scale = nn.Parameter(torch.zeros(()))
         self.num_steps = num_steps
         self.name = name
 
@@ -275,10 +287,15 @@ class ContinuousDiffusion(nn.Module):
         return terms, both.shape_outputs
 
     def decoder_distribution(self, z0: torch.Tensor, gamma0: torch.Tensor):
-        """p(x | z_0): N(z_0/α_0, σ_0²/α_0²), discretized to K levels when ``num_levels``."""
+        """p(x | z_0): N(z_0/α_0, σ_0²/α_0²) (``decoder="plain"``) or N(x̂_θ(z_0), σ_0²/α_0² ·
+        e^{2s}) (``"denoiser"``), discretized to K levels when ``num_levels``."""
         alpha, sigma = alpha_sigma(gamma0)
-        loc = z0 / _broadcast(alpha, z0)
         scale = _broadcast(sigma / alpha, z0).expand_as(z0)
+        if self.decoder == "denoiser":
+            loc = self.predict_x0(z0, gamma0)
+            scale = scale * torch.exp(self.decoder_log_scale).to(z0.dtype)
+        else:
+            loc = z0 / _broadcast(alpha, z0)
         if self.num_levels is None:
             return dist.Normal(loc, scale)
         return DiscretizedGaussian(loc, scale, self.num_levels)

@@ -84,6 +84,7 @@ def train_and_evaluate(
     lr: float = 2e-3,
     schedule_lr: float = 1e-2,
     tuned: tuple[float, float] = (-10.0, 6.0),
+    decoder: str = "plain",
     eval_times: int = 100,
     eval_steps: Sequence[int] = (16, 64, 1000),
     log_every: int = 0,
@@ -93,7 +94,8 @@ def train_and_evaluate(
 
     The network is :class:`~pyro_diffusion.nets.MLPDenoiser` over the flattened data, seeing
     γ through :class:`~pyro_diffusion.vdm.NoiseLevelDenoiser`; optimizer ``ClippedAdam`` with
-    learning rate ``lr`` (``schedule_lr`` for the schedule's parameters).  Evaluation draws are
+    learning rate ``lr`` (``schedule_lr`` for the schedule's parameters); ``decoder`` as in
+    :class:`~pyro_diffusion.vdm.ContinuousDiffusion`.  Evaluation draws are
     seeded identically for every configuration.  Returns a JSON-able dict (bits/dim)."""
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
@@ -140,6 +142,7 @@ def train_and_evaluate(
         "hidden": hidden,
         "depth": depth,
         "lr": lr,
+        "decoder": decoder,
         "train_seconds": time.time() - start,
         "train_history": history,
     }
