@@ -21,29 +21,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_diffusion.vdm.experiment import CONFIGS, plot_results, results_table, train_and_evaluate
-
-
-def summarize(folder: Path) -> None:
-    from pyro_diffusion.baselines import baseline_bits_per_dim
-    from pyro_diffusion.data import load_dataset
-
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*_seed*.json"))]
-    if not results:
-        raise SystemExit(f"--summarize: no *_seed*.json results in {folder}")
-    baselines = baseline_bits_per_dim(load_dataset(results[0].get("data", "digits")))
-    named = {
-        "per-pixel categorical": baselines["pixel_categorical"],
-        f"mixture of {baselines['categorical_mixture']['num_components']} categoricals": baselines[
-            "categorical_mixture"
-        ],
-    }
-    table = results_table(results, named)
-    (folder / "results.md").write_text(table + "\n")
-    (folder / "baselines.json").write_text(json.dumps(baselines, indent=1))
-    paths = plot_results(results, folder)
-    print(table)
-    print("wrote", folder / "results.md", *paths)
+from pyro_diffusion.vdm.experiment import CONFIGS, summarize, train_and_evaluate
 
 
 def main(argv=None) -> None:
@@ -70,7 +48,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.summarize:
-        summarize(args.summarize)
+        print(summarize(args.summarize))
         return
     configs = CONFIGS if args.config == "all" else args.config.split(",")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -200,6 +200,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--samples", type=_positive_int, help="samples per run for quality metrics")
     compare.add_argument("--no-baselines", action="store_true", help="skip the categorical baselines")
+    compare.add_argument(
+        "--vdm",
+        nargs="+",
+        default=None,
+        metavar="CONFIG",
+        help="also compare noise schedules on the γ-parameterized (VDM) diffusion, written to OUT/vdm: "
+        "learned, learned-T16, ddpm-linear, cosine, vdm-linear, tuned, simple (see docs/learned_schedules.md)",
+    )
     _add_model_flags(compare, compare=True)
     return parser
 
@@ -272,6 +280,13 @@ def _compare(args) -> int:
         mixture_components=10 if args.quick else 50,
     )
     print(f"wrote {Path(args.out) / 'results.md'}")
+    if args.vdm:
+        from .vdm.experiment import run_vdm_comparison
+
+        run_vdm_comparison(
+            args.vdm, seeds, Path(args.out) / "vdm", quick=args.quick, baselines=not args.no_baselines
+        )
+        print(f"wrote {Path(args.out) / 'vdm' / 'results.md'}")
     return 0
 
 

@@ -402,3 +402,17 @@ def test_bad_input_names_the_argument():
     bad = ContinuousDiffusion(nn.Linear(DIM, DIM + 1), LinearGamma(), (DIM,))
     with pytest.raises((ValueError, TypeError, RuntimeError)):
         bad.loss_terms(torch.zeros(3, DIM), torch.rand(3, dtype=torch.float64))
+
+
+def test_vdm_comparison_writes_results_and_reuses_runs(tmp_path):
+    from pyro_diffusion.vdm.experiment import run_vdm_comparison
+
+    settings = dict(steps=3, hidden=16, depth=1, eval_times=2, eval_steps=(4,), baselines=False)
+    table = run_vdm_comparison(["learned", "tuned"], [0], tmp_path, **settings)
+    assert "| learned | 1 |" in table and "| tuned | 1 |" in table
+    assert (tmp_path / "results.md").exists() and (tmp_path / "learned_schedule_curves.png").exists()
+    stamp = (tmp_path / "tuned_seed0.json").stat().st_mtime_ns
+    run_vdm_comparison(["tuned"], [0], tmp_path, **settings)
+    assert (tmp_path / "tuned_seed0.json").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="configs"):
+        run_vdm_comparison(["fancy"], [0], tmp_path, **settings)

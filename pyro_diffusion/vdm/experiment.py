@@ -41,7 +41,20 @@ from .diffusion import ContinuousDiffusion, NoiseLevelDenoiser
 from .losses import ContinuousSimplifiedLoss, ContinuousTimeELBO, DiscreteTimeELBO
 from .schedules import LearnedGamma, LinearGamma, TabulatedGamma
 
-__all__ = ["CONFIGS", "make_schedule", "make_loss", "train_and_evaluate", "results_table", "plot_results"]
+__all__ = [
+    "CONFIGS",
+    "QUICK",
+    "make_schedule",
+    "make_loss",
+    "train_and_evaluate",
+    "results_table",
+    "plot_results",
+    "summarize",
+    "run_vdm_comparison",
+]
+
+#: what ``quick`` changes (a smoke-sized run: seconds per configuration on a CPU)
+QUICK = {"steps": 150, "eval_times": 8, "eval_steps": (16,)}
 
 CONFIGS = ("learned", "learned-T16", "ddpm-linear", "cosine", "vdm-linear", "tuned", "simple")
 
@@ -251,3 +264,61 @@ def plot_results(results: Sequence[dict], out: str | Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def summarize(folder: str | Path, baselines: bool = True) -> str:
+    """Read every ``*_seed*.json`` result in ``folder``, write ``results.md`` (with the
+    per-pixel categorical and mixture-of-categoricals baselines of
+    :mod:`pyro_diffusion.baselines` when ``baselines``), ``baselines.json`` and the figures;
+    returns the table."""
+    import json
+
+    folder = Path(folder)
+    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*_seed*.json"))]
+    if not results:
+        raise FileNotFoundError(f"folder: no *_seed*.json results in {folder}")
+    named = None
+    if baselines:
+        from ..baselines import baseline_bits_per_dim
+
+        values = baseline_bits_per_dim(load_dataset(results[0].get("data", "digits")))
+        (folder / "baselines.json").write_text(json.dumps(values, indent=1))
+        components = values["categorical_mixture"]["num_components"]
+        named = {
+            "per-pixel categorical": values["pixel_categorical"],
+            f"mixture of {components} categoricals": values["categorical_mixture"],
+        }
+    table = results_table(results, named)
+    (folder / "results.md").write_text(table + "\n")
+    plot_results(results, folder)
+    return table
+
+
+def run_vdm_comparison(
+    configs: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    quick: bool = False,
+    baselines: bool = True,
+    **kwargs,
+) -> str:
+    """Train and evaluate each configuration and seed into ``out/<config>_seed<s>.json``
+    (finished ones are reused), then :func:`summarize`; returns the table.  ``kwargs`` go to
+    :func:`train_and_evaluate`; ``quick`` applies :data:`QUICK` under them."""
+    import json
+
+    unknown = [c for c in configs if c not in CONFIGS]
+    if unknown:
+        raise ValueError(f"configs: unknown {unknown}; expected entries of {CONFIGS}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    settings = {**(QUICK if quick else {}), **kwargs}
+    for seed in seeds:
+        for config in configs:
+            path = out / f"{config}_seed{seed}.json"
+            if path.exists():
+                continue
+            result = train_and_evaluate(config, seed=seed, **settings)
+            path.write_text(json.dumps(result, indent=1))
+    return summarize(out, baselines)
