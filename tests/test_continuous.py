@@ -416,3 +416,22 @@ def test_vdm_comparison_writes_results_and_reuses_runs(tmp_path):
     assert (tmp_path / "tuned_seed0.json").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="configs"):
         run_vdm_comparison(["fancy"], [0], tmp_path, **settings)
+
+
+def test_experiment_passes_the_decoder_through():
+    from pyro_diffusion.vdm.experiment import train_and_evaluate
+
+    result = train_and_evaluate(
+        "tuned",
+        steps=2,
+        hidden=8,
+        depth=1,
+        eval_times=2,
+        eval_steps=(),
+        decoder="denoiser",
+        tuned=(-3.0, 4.0),
+    )
+    plain = train_and_evaluate(
+        "tuned", steps=2, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0)
+    )
+    assert result["decoder"] == "denoiser" and result["decoder_bpd"] != plain["decoder_bpd"]

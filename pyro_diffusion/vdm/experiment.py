@@ -124,7 +124,7 @@ def train_and_evaluate(
     network = MLPDenoiser(dim, hidden=hidden, depth=depth)
     denoiser = NoiseLevelDenoiser(network, gamma_range=(-15.0, 15.0), flatten=True)
     vdm = ContinuousDiffusion(
-        denoiser, make_schedule(config, tuned), event_shape, num_levels=dataset.num_levels
+        denoiser, make_schedule(config, tuned), event_shape, num_levels=dataset.num_levels, decoder=decoder
     )
 
     def per_param(name, _param):
