@@ -7,6 +7,8 @@ the discretized decoder) or a draw from the decoder p_θ(x_0 | x_1).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from tqdm.auto import tqdm
 
@@ -40,6 +42,10 @@ def ancestral_sample(
 
     Returns:
         ``(n, *event_shape)`` samples, and the chain when ``return_chain``.
+
+    On a GPU the loop reads no value back from the device (no host-device synchronization):
+    with fixed variances the per-step coefficients are Python numbers computed once per
+    schedule and configuration (that first call reads them back once, before the loop).
     """
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
@@ -82,7 +88,25 @@ def ancestral_sample(
     return (x, chain) if return_chain else x
 
 
+# tables per schedule, keyed by what they depend on; dropped with the schedule
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def _step_tables(diffusion, dtype: torch.dtype, device) -> tuple[list[float], ...]:
+    """:func:`_compute_step_tables`, cached per schedule (the one host read-back happens on the
+    first call for a configuration; later calls make none)."""
+    schedule = diffusion.schedule
+    betas = schedule.betas
+    key = (betas.data_ptr(), betas._version, str(betas.device), diffusion.mean, diffusion.variance, dtype)
+    per_schedule = _TABLES.setdefault(schedule, {})
+    tables = per_schedule.get(key)
+    if tables is None:
+        per_schedule.clear()
+        tables = per_schedule[key] = _compute_step_tables(diffusion, dtype, device)
+    return tables
+
+
+def _compute_step_tables(diffusion, dtype: torch.dtype, device) -> tuple[list[float], ...]:
     """Per-step Python numbers for fixed variances: ``μ_θ(x_t, t) = a_t x_t + b_t o`` (every mean
     parameterization is affine in ``x_t`` and the network output ``o``), ``σ_t`` and
     ``log σ_t²``, for t = 1..T, from the parameterization's own functions.
