@@ -125,13 +125,14 @@ def interleaved(
     """Time each variant in turn, ``reps`` rounds of ``inner`` calls.
 
     Returns ``(times, peaks)``: per variant the list of per-round milliseconds per call, and
-    the peak memory of its first warm-up call (:func:`peak_memory_mb`).  At least one warm-up
-    call is made."""
+    the peak memory of its last warm-up call (:func:`peak_memory_mb`; the first call of a
+    variant also pays for one-off set-up such as caches and lazy imports).  At least two
+    warm-up calls are made."""
     peaks: dict[str, float | None] = {}
     for name, fn in variants.items():
-        peaks[name] = peak_memory_mb(fn, device)
-        for _ in range(warmup - 1):
+        for _ in range(max(1, warmup - 1)):
             fn()
+        peaks[name] = peak_memory_mb(fn, device)
     sync(device)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(reps):

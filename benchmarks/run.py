@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         help="problem sizes (default: mlp2d digits on CPU, plus unet32 on CUDA)",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time sampling with the denoiser under torch.compile (always on CUDA)",
+    )
     args = parser.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -87,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[Row] = []
     for name in names:
         section_start = time.perf_counter()
-        section = BENCHMARKS[name].run(device, args.quick, sizes)
+        if name == "sampling":
+            section = sampling.run(device, args.quick, sizes, compile_denoiser=args.compile)
+        else:
+            section = BENCHMARKS[name].run(device, args.quick, sizes)
         rows.extend(section)
         print(f"# {name}: {time.perf_counter() - section_start:.0f} s", file=sys.stderr, flush=True)
     print()

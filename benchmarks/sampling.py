@@ -4,7 +4,7 @@
   floats, ``x ← (x − β_t/√(1−ᾱ_t) ε_θ(x, t)) / √α_t + σ_t z`` for t = T..2, the mean (rounded
   to the nearest level for K-level data) at t = 1.  The baseline.
 * ``ancestral``: :func:`pyro_diffusion.ancestral_sample` (what ``diffusion.sample`` runs).
-* ``compiled`` (``--compile-sampling`` only, or on CUDA): ``ancestral_sample`` with the
+* ``compiled`` (``--compile`` only, or on CUDA): ``ancestral_sample`` with the
   denoiser wrapped in ``torch.compile``.
 
 ``ms`` is per sampling call (n samples, T steps); the ratio column is throughput (samples/s)

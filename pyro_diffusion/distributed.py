@@ -34,6 +34,7 @@ is per process; see ``docs/distributed.md``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import sys
@@ -73,8 +74,9 @@ def data_parallel_module(
             :class:`~pyro_diffusion.StepSubsampledELBO`, the full ELBO with one network call;
             ``pyro.infer.TraceMeanField_ELBO()`` runs the sequential chain).
         device_ids: DDP's ``device_ids`` (``[local_rank]`` on a GPU, ``None`` on CPU).
-        ddp_kwargs: passed to ``DistributedDataParallel``; ``broadcast_buffers`` defaults to
-            ``False`` (the schedule's buffers are constants, identical on every process).
+        ddp_kwargs: passed to ``DistributedDataParallel``; buffers are not re-sent at every
+            forward by default (``forward_sync_buffers=False``, or ``broadcast_buffers=False``
+            before PyTorch named it so): the schedule's buffers are constants.
 
     Needs ``torch.distributed`` initialized (``torch.distributed.init_process_group``).
     """
@@ -91,7 +93,12 @@ def data_parallel_module(
         if not callable(getattr(diffusion, name, None)):
             raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
     elbo_module = loss(diffusion.model_module(), diffusion.guide_module())
-    ddp_kwargs.setdefault("broadcast_buffers", False)
+    if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:
+        # the name changed in recent PyTorch; either way, don't re-send constants every step
+        parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+        ddp_kwargs[
+            "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
+        ] = False
     return DistributedDataParallel(elbo_module, device_ids=device_ids, **ddp_kwargs)
 
 
