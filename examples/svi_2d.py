@@ -41,7 +41,9 @@ OBJECTIVES = {
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--data", default="gmm", help="moons, swissroll or gmm (default: gmm)")
     parser.add_argument("--objective", default="elbo", choices=sorted(OBJECTIVES))
     parser.add_argument("--steps", type=int, default=4000, help="SVI steps (default: 4000)")
@@ -59,7 +61,9 @@ def main(argv=None) -> None:
     data = load_dataset(args.data, seed=args.seed)
 
     # the model: an MLP denoiser, a linear schedule, the reverse chain as a Pyro model
-    diffusion = GaussianDiffusion(MLPDenoiser(2, hidden=128, depth=3), NoiseSchedule.linear(args.num_steps), (2,))
+    diffusion = GaussianDiffusion(
+        MLPDenoiser(2, hidden=128, depth=3), NoiseSchedule.linear(args.num_steps), (2,)
+    )
     optim = ClippedAdam({"lr": 2e-3, "lrd": 0.01 ** (1 / args.steps), "clip_norm": 10.0})
     svi = SVI(diffusion.model, diffusion.guide, optim, OBJECTIVES[args.objective]())
 

@@ -5,9 +5,9 @@ import math
 import pyro
 import pytest
 import torch
-from _helpers import LinearDenoiser
 from pyro.infer import TraceMeanField_ELBO
 
+from _helpers import LinearDenoiser
 from pyro_diffusion import (
     GaussianDiffusion,
     HybridLoss,

@@ -6,11 +6,11 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
-from _helpers import LinearDenoiser, independent_step_kl
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.infer.elbo import ELBOModule
 from pyro.poutine.util import site_is_subsample
 
+from _helpers import LinearDenoiser, independent_step_kl
 from pyro_diffusion import GaussianDiffusion, NoiseSchedule, site_name, step_terms
 from pyro_diffusion.chains import per_site_kl
 

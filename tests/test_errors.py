@@ -60,7 +60,9 @@ def test_bad_configuration():
 
 
 def test_denoiser_output_of_the_wrong_size():
-    d = GaussianDiffusion(MLPDenoiser(2, hidden=8, depth=1), NoiseSchedule.linear(5), (2,), variance="learned")
+    d = GaussianDiffusion(
+        MLPDenoiser(2, hidden=8, depth=1), NoiseSchedule.linear(5), (2,), variance="learned"
+    )
     with pytest.raises(ValueError, match=r"denoiser: returned shape \(15, 2\), expected \(15, 4\)"):
         d.vlb_terms(torch.zeros(3, 2))
 
@@ -78,5 +80,7 @@ def test_stale_parameters_in_the_param_store_are_refused():
     second = GaussianDiffusion(MLPDenoiser(2, hidden=8, depth=1), NoiseSchedule.linear(5), (2,))
     with pytest.raises(RuntimeError, match="param store already holds"):
         second.model(torch.zeros(3, 2))
-    renamed = GaussianDiffusion(MLPDenoiser(2, hidden=8, depth=1), NoiseSchedule.linear(5), (2,), name="other")
+    renamed = GaussianDiffusion(
+        MLPDenoiser(2, hidden=8, depth=1), NoiseSchedule.linear(5), (2,), name="other"
+    )
     renamed.model(torch.zeros(3, 2))
