@@ -50,6 +50,11 @@ def _add_model_flags(parser: argparse.ArgumentParser, compare: bool = False) -> 
     )
     parser.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
     parser.add_argument(
+        "--lr-final-fraction",
+        type=float,
+        help="decay the learning rate geometrically to lr × this at the last step (default 1: no decay)",
+    )
+    parser.add_argument(
         "--num-steps",
         type=_positive_int,
         help=f"T, the number of diffusion steps (default {defaults.num_steps})",
@@ -95,6 +100,7 @@ _FIELDS = {
     "device": "device",
     "batch_size": "batch_size",
     "lr": "lr",
+    "lr_final_fraction": "lr_final_fraction",
     "num_steps": "num_steps",
     "schedule": "schedule",
     "beta_start": "beta_start",

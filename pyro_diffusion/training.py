@@ -182,6 +182,7 @@ class TrainConfig:
     steps: int = 2000
     batch_size: int = 128
     lr: float = 1e-3
+    lr_final_fraction: float = 1.0
     seed: int = 0
     num_steps: int = 1000
     schedule: str | None = None
@@ -217,6 +218,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ValueError(f"lr_final_fraction: expected a value in (0, 1], got {self.lr_final_fraction!r}")
         if not self.log_snr_max > self.log_snr_min:
             raise ValueError(
                 f"log_snr_max, log_snr_min: expected max > min, got {self.log_snr_max}, {self.log_snr_min}"
@@ -384,6 +387,16 @@ def check_same_config(saved: dict, wanted: dict, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
+def make_optim(config: TrainConfig) -> pyro.optim.PyroOptim:
+    """Adam at ``config.lr``; with ``lr_final_fraction < 1``, Pyro's ``ClippedAdam`` whose
+    learning rate decays geometrically to ``lr · lr_final_fraction`` at the last step (its
+    per-parameter gradient clipping set out of the way)."""
+    if config.lr_final_fraction == 1.0:
+        return pyro.optim.Adam({"lr": config.lr})
+    decay = config.lr_final_fraction ** (1.0 / config.steps)
+    return pyro.optim.ClippedAdam({"lr": config.lr, "lrd": decay, "clip_norm": 1e30})
+
+
 def load_run_data(config: TrainConfig) -> Dataset:
     """The run's data set.  2-D sets are drawn with seed 0 whatever the run's seed, so that
     runs of different seeds see the same data and the same test split."""
@@ -445,7 +458,7 @@ def train(
     pyro.clear_param_store()
     diffusion = build_diffusion(config, dataset)
     loss = OBJECTIVES[config.objective].make_loss()
-    optim = pyro.optim.Adam({"lr": config.lr})
+    optim = make_optim(config)
     svi = SVI(diffusion.model, diffusion.guide, optim, loss)
     data = dataset.train.to(config.device)
     order = BatchOrder(data.shape[0], config.batch_size, config.seed)
