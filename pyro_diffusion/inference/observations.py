@@ -59,7 +59,9 @@ class LinearObservation:
         self.event_shape = torch.Size(event_shape)
         size = math.prod(self.event_shape)
         if not isinstance(matrix, torch.Tensor) or not matrix.is_floating_point():
-            raise TypeError(f"matrix: expected a floating-point tensor A of shape (m, {size}), got {matrix!r:.60}")
+            raise TypeError(
+                f"matrix: expected a floating-point tensor A of shape (m, {size}), got {matrix!r:.60}"
+            )
         if matrix.dim() != 2 or matrix.shape[1] != size or matrix.shape[0] < 1:
             raise ValueError(
                 f"matrix: expected shape (m, {size}) for event_shape {tuple(self.event_shape)}, "
@@ -117,18 +119,20 @@ class LinearObservation:
     def check_y(self, y: torch.Tensor, argument: str = "y") -> torch.Tensor:
         """Refuse ``y`` that is not a float tensor whose last dimension is m."""
         if not isinstance(y, torch.Tensor) or not y.is_floating_point():
-            raise TypeError(f"{argument}: expected a floating-point tensor of shape (..., {self.num_observations})")
+            raise TypeError(
+                f"{argument}: expected a floating-point tensor of shape (..., {self.num_observations})"
+            )
         if y.dim() < 1 or y.shape[-1] != self.num_observations:
-            raise ValueError(f"{argument}: expected shape (..., {self.num_observations}), got {tuple(y.shape)}")
+            raise ValueError(
+                f"{argument}: expected shape (..., {self.num_observations}), got {tuple(y.shape)}"
+            )
         return y
 
     def mean(self, x0: torch.Tensor) -> torch.Tensor:
         """``A vec(x_0)``: ``(..., *event_shape)`` → ``(..., m)``."""
         event_dims = len(self.event_shape)
         if tuple(x0.shape[x0.dim() - event_dims :]) != tuple(self.event_shape):
-            raise ValueError(
-                f"x0: expected trailing shape {tuple(self.event_shape)}, got {tuple(x0.shape)}"
-            )
+            raise ValueError(f"x0: expected trailing shape {tuple(self.event_shape)}, got {tuple(x0.shape)}")
         flat = x0.reshape(*x0.shape[: x0.dim() - event_dims], -1)
         return flat @ self.matrix.to(flat.dtype).T
 

@@ -40,8 +40,9 @@ import torch
 from ..chains import site_name
 from ..decoders import decoder_distribution
 from ..diffusion import GaussianDiffusion
+from ..parameterization import predict_eps
 
-__all__ = ["DiffusionPrior", "frozen", "reverse_step", "predict_x0"]
+__all__ = ["DiffusionPrior", "frozen", "reverse_step", "reverse_step_and_x0", "predict_x0"]
 
 
 @contextlib.contextmanager
@@ -61,14 +62,14 @@ def frozen(module: torch.nn.Module):
 def _flat(diffusion: GaussianDiffusion, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
     event_dims = diffusion.event_dims
     if tuple(x.shape[x.dim() - event_dims :]) != tuple(diffusion.event_shape):
-        raise ValueError(
-            f"x_t: expected trailing shape {tuple(diffusion.event_shape)}, got {tuple(x.shape)}"
-        )
+        raise ValueError(f"x_t: expected trailing shape {tuple(diffusion.event_shape)}, got {tuple(x.shape)}")
     lead = x.shape[: x.dim() - event_dims]
     return x.reshape(-1, *diffusion.event_shape), lead
 
 
-def reverse_step(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+def reverse_step(
+    diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(μ_θ(x_t, t), log σ_t²) for x_t of any leading shape ``(*batch, *event_shape)``; the
     returned mean has x_t's shape and the log-variance broadcasts against it."""
     flat, lead = _flat(diffusion, x_t)
@@ -78,17 +79,27 @@ def reverse_step(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int) -> tup
     return loc.reshape(x_t.shape), log_var.reshape(x_t.shape)
 
 
-def predict_x0(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """The denoiser's estimate x̂_0(x_t) = (x_t − √(1−ᾱ_t) ε̂_θ(x_t, t)) / √ᾱ_t (Tweedie's
-    formula for E[x_0 | x_t] when ε̂_θ is exact), for x_t of any leading shape."""
+def reverse_step_and_x0(
+    diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(μ_θ(x_t, t), log σ_t², x̂_0(x_t)) from one network call, for x_t of any leading shape
+    ``(*batch, *event_shape)`` (all three returned in x_t's shape); x̂_0 as in :func:`predict_x0`."""
     flat, _ = _flat(diffusion, x_t)
     steps = torch.full((flat.shape[0],), t, dtype=torch.long, device=flat.device)
-    eps = diffusion.predict_eps(flat, steps)
+    loc, log_var, mean_output = diffusion.reverse_mean_log_variance(flat, steps)
     schedule = diffusion.schedule
+    eps = predict_eps(schedule, diffusion.mean, flat, steps, mean_output)
     x0 = (flat - schedule.at("sqrt_one_minus_alphas_cumprod", steps, flat) * eps) / schedule.at(
         "sqrt_alphas_cumprod", steps, flat
     )
-    return x0.reshape(x_t.shape)
+    shape = x_t.shape
+    return loc.reshape(shape), log_var.expand_as(loc).reshape(shape), x0.reshape(shape)
+
+
+def predict_x0(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int) -> torch.Tensor:
+    """The denoiser's estimate x̂_0(x_t) = (x_t − √(1−ᾱ_t) ε̂_θ(x_t, t)) / √ᾱ_t (Tweedie's
+    formula for E[x_0 | x_t] when ε̂_θ is exact), for x_t of any leading shape."""
+    return reverse_step_and_x0(diffusion, x_t, t)[2]
 
 
 class DiffusionPrior:
@@ -162,7 +173,9 @@ class DiffusionPrior:
         if obs is not None:
             event_dims = d.event_dims
             if tuple(obs.shape[obs.dim() - event_dims :]) != tuple(d.event_shape):
-                raise ValueError(f"obs: expected trailing shape {tuple(d.event_shape)}, got {tuple(obs.shape)}")
+                raise ValueError(
+                    f"obs: expected trailing shape {tuple(d.event_shape)}, got {tuple(obs.shape)}"
+                )
         if self.fine_tune:
             pyro.module(self.module_name, d)
             context = contextlib.nullcontext()
