@@ -9,6 +9,9 @@ Variants, each with its own copy of the same initial network, the same batch and
 * ``module``: Pyro's ``ELBOModule`` — ``loss(diffusion.model_module(),
   diffusion.guide_module())`` is an ``nn.Module`` — with ``torch.optim.Adam``.
 * ``svi+val``: as ``svi`` with Pyro's validation on (the data checks read tensor values).
+* ``svi+1adam``: as ``svi`` with :class:`SingleAdam`, a prototype ``PyroOptim`` holding one
+  ``torch.optim.Adam`` for all parameters (what ``pyro.optim.Adam``'s per-parameter
+  optimizers cost).
 
 Everything else runs with ``pyro.enable_validation(False)``.
 """
@@ -90,6 +93,28 @@ class HandWrittenLoss:
         return (per_datum * self.T + prior).sum()
 
 
+class SingleAdam(pyro.optim.PyroOptim):
+    """A prototype, to measure what a core change would buy: a ``PyroOptim`` that keeps *one*
+    ``torch.optim.Adam`` (foreach kernels) over every parameter ``SVI`` hands it, where
+    ``pyro.optim.Adam`` keeps one optimizer per parameter tensor and steps them one by one.
+    Same update (Adam is elementwise); no state save/load, no gradient clipping."""
+
+    def __init__(self, optim_args: dict) -> None:
+        super().__init__(torch.optim.Adam, optim_args)
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._known: set = set()
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        new = [p for p in params if p not in self._known]
+        if new:
+            if self._optimizer is None:
+                self._optimizer = torch.optim.Adam(new, **self.pt_optim_args)
+            else:
+                self._optimizer.add_param_group({"params": new})
+            self._known.update(new)
+        self._optimizer.step()
+
+
 def _copy(problem: Problem, name: str) -> Problem:
     diffusion = copy.deepcopy(problem.diffusion)
     diffusion.name = name
@@ -125,6 +150,12 @@ def step_functions(problem: Problem, loss: str, lr: float = 1e-3) -> dict:
         finally:
             pyro.enable_validation(False)
 
+    single_diffusion = _copy(problem, "single").diffusion
+    single_svi = SVI(single_diffusion.model, single_diffusion.guide, SingleAdam({"lr": lr}), _pyro_loss(loss))
+
+    def svi_single_adam():
+        single_svi.step(x0)
+
     module_diffusion = _copy(problem, "module").diffusion
     elbo_module = _pyro_loss(loss)(module_diffusion.model_module(), module_diffusion.guide_module())
     module_optim = torch.optim.Adam(elbo_module.parameters(), lr=lr)
@@ -134,7 +165,13 @@ def step_functions(problem: Problem, loss: str, lr: float = 1e-3) -> dict:
         elbo_module(x0).backward()
         module_optim.step()
 
-    return {"plain": plain, "svi": svi_step, "module": module_step, "svi+val": svi_validated}
+    return {
+        "plain": plain,
+        "svi": svi_step,
+        "module": module_step,
+        "svi+val": svi_validated,
+        "svi+1adam": svi_single_adam,
+    }
 
 
 def run(device: torch.device, quick: bool, sizes: tuple[str, ...]) -> list[Row]:
