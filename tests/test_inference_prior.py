@@ -1,0 +1,158 @@
+"""The diffusion as a prior inside a user's Pyro model: scoped sites, frozen parameters,
+opt-in fine-tuning, plates, and the chain's identities."""
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from inference_helpers import linear_chain_marginal, linear_diffusion
+from pyro import poutine
+from pyro.infer import SVI, Trace_ELBO
+from pyro.infer.autoguide import AutoNormal
+from pyro.infer.reparam import LocScaleReparam
+
+from pyro_diffusion.inference.prior import DiffusionPrior
+
+
+def _sample_sites(trace):
+    return [name for name, site in trace.nodes.items() if site["type"] == "sample"]
+
+
+def test_two_uses_have_scoped_sites_that_do_not_collide():
+    prior = DiffusionPrior(linear_diffusion())
+
+    def model():
+        prior("a")
+        prior("b")
+
+    sites = _sample_sites(poutine.trace(model).get_trace())
+    T = prior.num_steps
+    assert sites == prior.site_names("a") + prior.site_names("b")
+    assert sites[0] == f"a/x_{T}" and sites[T] == "a/x_0" and len(sites) == 2 * (T + 1)
+
+
+def test_bad_name_and_obs_shape_are_refused():
+    prior = DiffusionPrior(linear_diffusion())
+    with pytest.raises(ValueError, match="name"):
+        prior("")
+    with pytest.raises(ValueError, match="obs"):
+        prior("a", obs=torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="decoder"):
+        DiffusionPrior(linear_diffusion(), decoder="exact")
+
+
+def _user_model(prior, y):
+    sigma = pyro.sample("sigma", dist.HalfNormal(1.0))
+    with pyro.plate("items", y.shape[0]):
+        x = prior("x")
+        pyro.sample("y", dist.Normal(x, sigma.unsqueeze(-1)).to_event(1), obs=y)
+
+
+def test_user_svi_leaves_frozen_weights_unchanged_and_out_of_the_param_store():
+    diffusion = linear_diffusion()
+    before = {k: v.clone() for k, v in diffusion.state_dict().items()}
+    prior = DiffusionPrior(diffusion)
+    y = torch.randn(3, 2)
+    guide = AutoNormal(lambda y: _user_model(prior, y))
+    svi = SVI(lambda y: _user_model(prior, y), guide, pyro.optim.Adam({"lr": 0.1}), Trace_ELBO())
+    losses = [svi.step(y) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(before[k], v) for k, v in diffusion.state_dict().items())
+    assert all(p.grad is None for p in diffusion.parameters())
+    assert all(p.requires_grad for p in diffusion.parameters())  # restored after each call
+    names = list(pyro.get_param_store().keys())
+    assert names and not any(n.startswith(diffusion.name) for n in names)
+    # the guide did learn something: its parameters moved away from their initial values
+    assert any("x/x_0" in n for n in names)
+
+
+def test_fine_tune_trains_the_weights_through_the_users_svi():
+    diffusion = linear_diffusion()
+    before = {k: v.clone() for k, v in diffusion.state_dict().items()}
+    prior = DiffusionPrior(diffusion, fine_tune=True, module_name="tuned")
+    y = torch.randn(3, 2)
+    guide = AutoNormal(lambda y: _user_model(prior, y))
+    svi = SVI(lambda y: _user_model(prior, y), guide, pyro.optim.Adam({"lr": 0.01}), Trace_ELBO())
+    for _ in range(3):
+        svi.step(y)
+    assert any(n.startswith("tuned$$$") for n in pyro.get_param_store().keys())
+    assert not all(torch.equal(before[k], v) for k, v in diffusion.state_dict().items())
+
+
+def test_gradients_reach_the_chain_but_not_the_weights():
+    diffusion = linear_diffusion()
+    prior = DiffusionPrior(diffusion)
+    x_T = torch.randn(2, requires_grad=True)
+    conditioned = poutine.condition(lambda: prior("x"), data={"x/x_5": x_T})
+    x0 = conditioned()
+    x0.sum().backward()
+    assert x_T.grad is not None and x_T.grad.abs().sum() > 0
+    assert all(p.grad is None for p in diffusion.parameters())
+
+
+@pytest.mark.parametrize("outer", [None, 4])
+def test_batch_shapes_follow_the_users_plates(outer):
+    prior = DiffusionPrior(linear_diffusion(event_shape=(1, 2, 2)))
+
+    def model():
+        with pyro.plate("inner", 3, dim=-1):
+            if outer is None:
+                return prior("x")
+            with pyro.plate("outer", outer, dim=-2):
+                return prior("x")
+
+    trace = poutine.trace(model).get_trace()
+    expected = (3,) if outer is None else (outer, 3)
+    for name in prior.site_names("x"):
+        site = trace.nodes[name]
+        assert site["value"].shape == expected + (1, 2, 2)
+        assert site["fn"].batch_shape == expected and site["fn"].event_shape == (1, 2, 2)
+
+
+def test_vectorized_particles_compose_with_the_prior():
+    prior = DiffusionPrior(linear_diffusion())
+    y = torch.randn(3, 2)
+    model = lambda y: _user_model(prior, y)  # noqa: E731
+    guide = AutoNormal(model)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    loss = elbo.loss(model, guide, y)
+    assert torch.isfinite(torch.tensor(loss))
+
+
+def test_observed_x0_scores_the_decoder_of_the_sampled_x1():
+    diffusion = linear_diffusion()
+    prior = DiffusionPrior(diffusion)
+    x = torch.randn(5, 2)
+    with pyro.plate("data", 5):
+        trace = poutine.trace(lambda: prior("x", obs=x)).get_trace()
+    site = trace.nodes["x/x_0"]
+    assert site["is_observed"] and torch.equal(site["value"], x)
+    x1 = trace.nodes["x/x_1"]["value"]
+    decoder = diffusion.reverse_distribution(x1, torch.ones(5, dtype=torch.long), decode=True)
+    torch.testing.assert_close(site["fn"].log_prob(x), decoder.log_prob(x).sum(-1))
+
+
+def test_non_centred_chain_reproduces_the_sampled_chain():
+    prior = DiffusionPrior(linear_diffusion())
+    names = prior.site_names("x")
+    reparam = poutine.reparam(lambda: prior("x"), config={n: LocScaleReparam(centered=0.0) for n in names})
+    with pyro.plate("draws", 7):
+        trace = poutine.trace(reparam).get_trace()
+    T = prior.num_steps
+    noise = {T - i: trace.nodes[f"{n}_decentered"]["value"] for i, n in enumerate(names)}
+    torch.testing.assert_close(prior.chain_from_noise(noise), trace.nodes["x/x_0"]["value"])
+
+
+def test_prior_draws_match_the_exact_marginal_of_a_linear_chain():
+    """Mean of 4000 draws within 4 standard errors of the exact Gaussian p_θ(x_0)."""
+    diffusion = linear_diffusion()
+    prior = DiffusionPrior(diffusion)
+    n = 4000
+    with torch.no_grad(), pyro.plate("draws", n):
+        draws = prior("x").to(torch.float64)
+    mean, cov = linear_chain_marginal(diffusion)
+    se = (cov.diagonal() / n).sqrt()
+    assert ((draws.mean(0) - mean).abs() < 4 * se).all()
+    # variances: the standard error of a sample variance of a Gaussian is var·√(2/(n−1))
+    var_se = cov.diagonal() * (2 / (n - 1)) ** 0.5
+    assert ((draws.var(0) - cov.diagonal()).abs() < 4 * var_se).all()
