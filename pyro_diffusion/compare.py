@@ -127,7 +127,14 @@ def run_comparison(
     if dataset.is_image and dataset.labels_train is not None:
         from .metrics import DigitsClassifier
 
-        classifier = DigitsClassifier.fit(dataset.train, dataset.labels_train, seed=0)
+        cached = out / "classifier.pt"
+        if cached.exists():  # the same deterministic fit; saves its training time on re-runs
+            classifier = DigitsClassifier()
+            classifier.load_state_dict(torch.load(cached))
+            classifier.eval()
+        else:
+            classifier = DigitsClassifier.fit(dataset.train, dataset.labels_train, seed=0)
+            torch.save(classifier.state_dict(), cached)
         results["classifier_test_accuracy"] = classifier.accuracy(dataset.test, dataset.labels_test)
     if baselines and dataset.num_levels is not None:
         from .baselines import baseline_bits_per_dim
