@@ -17,7 +17,7 @@ def quick_compare(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     status = main(
         ["compare", "--quick", "--data", "digits", "--steps", "20", "--samples", "100", "--out", str(out)]
-        + ["--no-progress"]
+        + ["--num-steps", "25", "--no-progress"]
     )
     return status, out
 
@@ -43,7 +43,7 @@ def test_compare_quick_writes_files_and_a_table_that_parses(quick_compare):
         assert mean == pytest.approx(results["runs"][objective]["test_bits_per_dim"][0], abs=1e-4)
         assert all(math.isfinite(float(c.split("±")[0])) for c in cells[:-1])
         assert int(cells[-1]) == 20
-        assert len(results["runs"][objective]["profile_bits"]) == 101  # T + 1 terms, T = 100
+        assert len(results["runs"][objective]["profile_bits"]) == 26  # T + 1 terms, T = 25
     # the baselines are real models of the 17-level digits: well below log2(17) = 4.09 bits/dim
     pixel = results["baselines"]["pixel_categorical"]["bits_per_dim"]
     assert 2.0 < pixel < math.log2(17)
@@ -54,7 +54,7 @@ def test_compare_reuses_finished_runs(quick_compare, capsys):
     before = (out / "elbo" / "seed0" / "checkpoint.pt").stat().st_mtime_ns
     status = main(
         ["compare", "--quick", "--data", "digits", "--steps", "20", "--samples", "100", "--out", str(out)]
-        + ["--objectives", "elbo", "--seeds", "0", "--no-baselines", "--no-progress"]
+        + ["--num-steps", "25", "--objectives", "elbo", "--seeds", "0", "--no-baselines", "--no-progress"]
     )
     assert status == 0
     assert (out / "elbo" / "seed0" / "checkpoint.pt").stat().st_mtime_ns == before
