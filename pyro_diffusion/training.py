@@ -229,12 +229,10 @@ class TrainConfig:
     def resolved(self, dataset: Dataset | None = None) -> TrainConfig:
         """A copy with the data-dependent defaults filled in (schedule, network)."""
         config = dataclasses.replace(self)
-        image = dataset is not None and dataset.is_image
         if config.schedule is None:
             config.schedule = "log-snr" if dataset is not None and dataset.num_levels else "linear"
         if config.network is None:
             config.network = "mlp"
-        del image
         return config.validate()
 
     def to_dict(self) -> dict:
@@ -376,7 +374,8 @@ def _comparable(config: dict) -> dict:
 def check_same_config(saved: dict, wanted: dict, where: str) -> None:
     """Raise :class:`ConfigMismatchError` listing the fields where two configurations differ
     (ignoring those a resumed run may change: steps, device, checkpoint_every, progress)."""
-    a, b = _comparable(saved), _comparable(wanted)
+    defaults = TrainConfig().to_dict()  # fields added after a checkpoint was written
+    a, b = _comparable({**defaults, **saved}), _comparable({**defaults, **wanted})
     diffs = [f"{k}: checkpoint has {a.get(k)!r}, asked for {b.get(k)!r}" for k in sorted(set(a) | set(b))]
     diffs = [d for d, k in zip(diffs, sorted(set(a) | set(b))) if a.get(k) != b.get(k)]
     if diffs:
