@@ -122,15 +122,15 @@ def nuts_conditional(
         raise ValueError(f"warmup_steps: expected a non-negative int, got {warmup_steps!r}")
     prior = DiffusionPrior(diffusion, decoder="gaussian")
     names = prior.site_names("x")
-    model = poutine.reparam(conditional_model, config={site: LocScaleReparam(centered=0.0) for site in names})
     runs, copies = (1, num_chains) if vectorize_chains else (num_chains, 1)
-    if vectorize_chains:
-        single = model
 
-        def model(prior, observation, y):
-            with pyro.plate("chains", copies, dim=-1):
-                return single(prior, observation, y)
+    def base(prior, observation, y):
+        if not vectorize_chains:
+            return conditional_model(prior, observation, y)
+        with pyro.plate("chains", copies, dim=-1):
+            return conditional_model(prior, observation, y)
 
+    model = poutine.reparam(base, config={site: LocScaleReparam(centered=0.0) for site in names})
     calls = [0]
 
     def count(module, args, output):
