@@ -18,7 +18,6 @@ import math
 import torch
 from tqdm.auto import tqdm
 
-from .chains import forward_marginal
 from .parameterization import posterior_mean
 
 __all__ = ["q_sample", "step_terms", "step_terms_given", "prior_term", "vlb_terms", "bits_per_dim"]
@@ -64,11 +63,13 @@ def step_terms(diffusion, x0: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor) 
 
 def prior_term(schedule, x0: torch.Tensor) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per datum, shape ``(B,)``."""
-    T = schedule.num_steps
-    t = torch.full((x0.shape[0],), T, dtype=torch.long, device=x0.device)
-    q = forward_marginal(schedule, x0, t)
-    kl = 0.5 * (q.loc**2 + q.scale**2 - 2 * torch.log(q.scale) - 1)
-    return _sum_event(kl)
+    # q(x_T | x_0) = N(√ᾱ_T x_0, (1 − ᾱ_T) I); the step is the same for every datum, so the
+    # schedule's entries enter as 0-d tensors (no per-datum gather, no distribution object)
+    # (1 − ᾱ_T) − log(1 − ᾱ_T) − 1 cancels badly near ᾱ_T = 0: evaluated in float64
+    sqrt_alpha_bar = schedule.cast("sqrt_alphas_cumprod", x0.dtype)[-1]
+    one_minus = schedule.one_minus_alphas_cumprod[-1]
+    constant = (one_minus - torch.log(one_minus) - 1).to(x0.dtype)
+    return 0.5 * _sum_event((sqrt_alpha_bar * x0) ** 2 + constant)
 
 
 # Data elements per network call when the chunk is chosen automatically.  On a CPU the

@@ -16,6 +16,8 @@ distributions the chains use.  Losses are sums over the batch, as Pyro's ELBOs a
 
 from __future__ import annotations
 
+import weakref
+
 import pyro
 import torch
 from pyro.infer import ELBO
@@ -61,11 +63,21 @@ def _needs_register(diffusion) -> bool:
     step of a small network (``docs/benchmarks.md``)."""
     if _PYRO_STACK:
         return True
-    first = next((item for item in diffusion.named_parameters() if item[1].requires_grad), None)
-    if first is None:
+    # the first trainable parameter and its store name, cached per diffusion (looking it up
+    # walks the module tree); recomputed when the name or the denoiser changes
+    cached = _FIRST_PARAMETER.get(diffusion)
+    if cached is None or cached[0] != diffusion.name or cached[1] is not diffusion.denoiser:
+        first = next((item for item in diffusion.named_parameters() if item[1].requires_grad), None)
+        key = None if first is None else f"{diffusion.name}$$${first[0]}"
+        cached = (diffusion.name, diffusion.denoiser, key, None if first is None else first[1])
+        _FIRST_PARAMETER[diffusion] = cached
+    _, _, key, param = cached
+    if key is None:
         return False
-    store = pyro.get_param_store()
-    return store._params.get(f"{diffusion.name}$$${first[0]}") is not first[1]
+    return pyro.get_param_store()._params.get(key) is not param
+
+
+_FIRST_PARAMETER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _DiffusionLoss(ELBO):
@@ -167,8 +179,8 @@ class StepSubsampledELBO(_DiffusionLoss):
 
     def per_datum(self, diffusion, x0):
         T = diffusion.num_steps
-        probs = self.step_probabilities(T, x0.device, torch.float32)
         if self.importance:
+            probs = self.step_probabilities(T, x0.device, torch.float32)
             t = torch.multinomial(probs, x0.shape[0], replacement=True) + 1
         else:
             t = _uniform_steps(x0, T)
@@ -177,8 +189,10 @@ class StepSubsampledELBO(_DiffusionLoss):
         terms = step_terms_given(diffusion, x0, t, x_t, loc, log_var)
         if self.importance:
             self._record(t, terms, T)
-        weight = 1.0 / probs[t - 1].to(terms.dtype)
-        return terms * weight + prior_term(diffusion.schedule, x0)
+            weighted = terms / probs[t - 1].to(terms.dtype)
+        else:
+            weighted = terms * T  # 1 / r(t) with r uniform
+        return weighted + prior_term(diffusion.schedule, x0)
 
 
 class SimplifiedLoss(_DiffusionLoss):
