@@ -99,7 +99,8 @@ def _twist_variance(diffusion: GaussianDiffusion, t: int, kind: str) -> float:
 class _TwistedChain:
     """Shared state computations for the model and guide programs."""
 
-    def __init__(self, diffusion, observation, y, twist_variance):
+    def __init__(self, diffusion, observation, y, twist_variance, max_drift):
+        self.max_drift = max_drift
         self.diffusion = diffusion
         self.observation = observation
         self.y = y
@@ -117,12 +118,19 @@ class _TwistedChain:
             log_twist = self.observation.log_prob(self.y, x0_hat, noise_scale=scale)
             (grad,) = torch.autograd.grad(log_twist.sum(), x)
         self.network_calls += 1
+        scale = torch.exp(0.5 * log_var).detach()
+        drift = scale**2 * grad
+        if self.max_drift is not None:  # a trust region on the proposal: ‖drift‖ ≤ c σ_t √D
+            dims = tuple(range(1, drift.dim()))
+            limit = self.max_drift * scale.pow(2).sum(dims, keepdim=True).sqrt()
+            norm = drift.pow(2).sum(dims, keepdim=True).sqrt()
+            drift = drift * (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
         return {
             "x": x_t.detach(),
             "loc": loc.detach(),
-            "scale": torch.exp(0.5 * log_var).detach(),
+            "scale": scale,
             "log_twist": log_twist.detach(),
-            "grad": grad,
+            "drift": torch.nan_to_num(drift),
         }
 
     def final_proposal(self, state) -> tuple[dist.Distribution, torch.Tensor]:
@@ -183,7 +191,7 @@ class _Guide:
     def step(self, state, t: int):
         chain = self.chain
         if t > 1:
-            loc = state["loc"] + state["scale"] ** 2 * state["grad"]
+            loc = state["loc"] + state["drift"]
             pyro.sample(f"x_{t - 1}", dist.Normal(loc, state["scale"]).to_event(chain.event_dims))
         else:
             proposal, _ = chain.final_proposal(state)
@@ -236,6 +244,7 @@ def twisted_smc(
     num_particles: int = 256,
     ess_threshold: float = 0.5,
     twist_variance: str = "pigdm",
+    max_drift: float | None = 1.0,
     seed: int | None = None,
     progress: bool = False,
 ) -> SMCResult:
@@ -248,6 +257,11 @@ def twisted_smc(
         num_particles: K.
         ess_threshold: resample when ESS < ess_threshold · K.
         twist_variance: ``"pigdm"`` (r_t = 1 − ᾱ_t) or ``"none"`` (r_t = 0).
+        max_drift: cap the proposal's shift ``σ_t² ∇ log p̃_t`` at ``max_drift · σ_t √D`` in
+            norm (None: no cap).  At high noise a learned denoiser's x̂_0 can be very
+            sensitive to x_t (its Jacobian carries 1/√ᾱ_t), and an uncapped shift throws
+            particles out of the data's range.  The weights use the proposal actually drawn
+            from, so the cap changes the variance of the estimate, not its target.
         seed: seed for Pyro's and torch's generators (None: leave them as they are).
         progress: progress bar over the T steps.
 
@@ -279,7 +293,7 @@ def twisted_smc(
     if seed is not None:
         pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    chain = _TwistedChain(diffusion, observation, y, twist_variance)
+    chain = _TwistedChain(diffusion, observation, y, twist_variance, max_drift)
     smc = _RecordingSMCFilter(
         _Model(chain), _Guide(chain), num_particles, max_plate_nesting=0, ess_threshold=ess_threshold
     )
