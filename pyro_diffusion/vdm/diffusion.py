@@ -451,10 +451,9 @@ class ContinuousDiffusion(nn.Module):
         self.register()
         event_dims = len(self.event_shape)
         with pyro.plate(self.plate_name, x0.shape[0]):
-            z, _ = self.diffuse(x0, self._gamma_at(1.0, x0), torch.zeros_like(x0))
             gamma1 = self._gamma_at(1.0, x0)
-            _, sigma1 = alpha_sigma(gamma1)
-            q1 = dist.Normal(z, _broadcast(sigma1, x0).expand_as(x0))
+            alpha1, sigma1 = alpha_sigma(gamma1)
+            q1 = dist.Normal(_broadcast(alpha1, x0) * x0, _broadcast(sigma1, x0).expand_as(x0))
             z = pyro.sample(f"z_{T}", q1.to_event(event_dims))
             for i in range(T, 0, -1):
                 q, _ = self._step_distributions(x0, z, i, T)
