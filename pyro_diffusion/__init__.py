@@ -11,6 +11,7 @@ from .decoders import DiscretizedGaussian
 from .diffusion import GaussianDiffusion
 from .losses import HybridLoss, SimplifiedLoss, StepSubsampledELBO
 from .nets import MLPDenoiser, UNetDenoiser
+from .optim import FusedAdam, FusedOptim
 from .sampling import ancestral_sample
 from .schedule import NoiseSchedule
 
@@ -36,4 +37,6 @@ __all__ = [
     "UNetDenoiser",
     "GaussianMixture2D",
     "load_dataset",
+    "FusedOptim",
+    "FusedAdam",
 ]

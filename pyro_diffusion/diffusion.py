@@ -235,17 +235,19 @@ class GaussianDiffusion(nn.Module):
         Refuses to run when the store already holds parameters of the same name that are not
         this module's (a previous model of the same ``name``): Pyro would silently optimize
         those instead of ours."""
-        store = pyro.get_param_store()
-        for param_name, param in self.named_parameters():
-            if not param.requires_grad:
-                continue
-            full = f"{self.name}$$${param_name}"
-            if full in store and store._params[full] is not param:
+        held = pyro.get_param_store()._params
+        named = [(f"{self.name}$$${n}", p) for n, p in self.named_parameters()]  # one tree walk
+        for full, param in named:
+            if param.requires_grad and held.get(full, param) is not param:
                 raise RuntimeError(
                     f"Pyro's param store already holds {full!r} from another module; call "
                     f"pyro.clear_param_store() or give this GaussianDiffusion a different name="
                 )
-        pyro.module(self.name, self)
+        if "$$$" in self.name or not all(p.requires_grad for _, p in named):
+            pyro.module(self.name, self)  # its name check, its warning on frozen parameters
+            return
+        for full, param in named:  # what pyro.module does here, without walking the tree again
+            pyro.param(full, param)
 
     def model(self, x0: torch.Tensor | None = None, *, num_samples: int | None = None, **kwargs):
         """The reverse chain p_θ(x_{0:T}) as a Pyro model; observes ``x0`` when given,
