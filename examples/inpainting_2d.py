@@ -16,6 +16,7 @@ import argparse
 import datetime
 import json
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -188,7 +189,7 @@ def main():
 
     finished = datetime.datetime.now(datetime.timezone.utc)
     results["meta"] = {
-        "command": "python examples/inpainting_2d.py" + (" --quick" if args.quick else ""),
+        "command": " ".join(["python examples/inpainting_2d.py", *sys.argv[1:]]),
         "args": vars(args),
         "started": started.isoformat(timespec="seconds"),
         "finished": finished.isoformat(timespec="seconds"),

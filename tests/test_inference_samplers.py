@@ -123,36 +123,27 @@ def test_replacement_pastes_the_observation_and_dps_runs():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "scenario, heuristics",
-    [("denoising", ("replacement", "dps")), ("inpainting", ("dps",))],
-)
-def test_exact_methods_beat_the_heuristics_on_the_mixture(scenario, heuristics):
-    """On the trained 2-D mixture model (T = 20; trained and cached under runs/ when missing),
-    twisted SMC is closer to the data's exact conditional than the heuristics by more than
-    2 standard errors of the difference.  (Inpainting against replacement is left out: with
-    2000 draws the two are not separable there, see docs/prior_validation.md.)"""
+def test_exact_methods_beat_the_heuristics_on_the_mixture():
+    """On the trained 2-D mixture model (T = 20; trained and cached under runs/ when missing)
+    and the denoising scenario of docs/prior_validation.md, twisted SMC is closer to the
+    data's exact conditional than replacement and than DPS at its better step of (0.1, 0.3),
+    by more than 2 standard errors of the difference.  (In the inpainting scenario the methods
+    are not separable with 2000 draws: the model's own error dominates; see the docs.)"""
     from pyro_diffusion.data import GaussianMixture2D
     from pyro_diffusion.inference.exact import energy_distance, energy_distance_se, mixture_conditional
     from pyro_diffusion.inference.pretrained import load_or_train
 
     torch.manual_seed(0)
     diffusion = load_or_train("gmm", "elbo", num_steps=20)
-    if scenario == "inpainting":
-        observation, y = (
-            LinearObservation.mask(torch.tensor([True, False]), noise_scale=0.2),
-            torch.tensor([1.0]),
-        )
-    else:
-        observation, y = LinearObservation.denoising((2,), noise_scale=0.5), torch.tensor([0.9, 0.4])
+    observation, y = LinearObservation.denoising((2,), noise_scale=0.5), torch.tensor([0.9, 0.4])
     exact = mixture_conditional(GaussianMixture2D(), observation, y).sample((4000,)).float()
     smc = twisted_smc(diffusion, observation, y, num_particles=2000, seed=0).sample(2000)
-    samplers = {
-        "replacement": lambda: replacement_sample(diffusion, observation, y, 2000)[0],
-        "dps": lambda: dps_sample(diffusion, observation, y, 2000, step_size=0.03)[0],
-    }
     d_smc, se_smc = energy_distance(smc, exact), energy_distance_se(smc, exact)
-    for name in heuristics:
-        samples = samplers[name]()
-        d, se = energy_distance(samples, exact), energy_distance_se(samples, exact)
+    candidates = {
+        "replacement": [replacement_sample(diffusion, observation, y, 2000)[0]],
+        "dps": [dps_sample(diffusion, observation, y, 2000, step_size=z)[0] for z in (0.1, 0.3)],
+    }
+    for name, draws in candidates.items():
+        scores = [(energy_distance(s, exact), energy_distance_se(s, exact)) for s in draws]
+        d, se = min(scores)
         assert d - d_smc > 2 * math.hypot(se, se_smc), (name, d, se, d_smc, se_smc)
