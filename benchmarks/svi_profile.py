@@ -8,7 +8,10 @@ per call (minimum over 5 repeats of ``--number`` calls, so the least disturbed f
 * ``register under trace``: the same inside ``poutine.trace(param_only=True)``, as
   ``SVI.step`` runs it to find the parameters;
 * ``pyro.optim.Adam``: Pyro's optimizer step (one ``torch.optim.Adam`` per parameter tensor);
-* ``torch.optim.Adam``: one ``torch.optim.Adam`` over all parameters (foreach kernels);
+* ``torch.optim.Adam``: one ``torch.optim.Adam`` over all parameters (torch's default
+  implementation: a loop over the tensors on CPU, foreach kernels on CUDA);
+* ``FusedAdam``: :class:`pyro_diffusion.FusedAdam`, the same inside a ``PyroOptim`` (here
+  keeping the gradients, so that every repeat steps);
 * ``zero_grads``: ``pyro.infer.util.zero_grads`` (a fresh zero tensor per parameter), as SVI
   does after each step, against ``Optimizer.zero_grad()``.
 """
@@ -25,7 +28,7 @@ import torch
 from pyro import poutine
 from pyro.infer.util import zero_grads
 
-from pyro_diffusion import StepSubsampledELBO
+from pyro_diffusion import FusedAdam, StepSubsampledELBO
 
 from .common import make_problem, sync
 
@@ -50,12 +53,14 @@ def profile(size: str, device: torch.device, number: int) -> list[tuple[str, flo
     captured = register_traced()
     pyro_adam = pyro.optim.Adam({"lr": 1e-3})
     torch_adam = torch.optim.Adam(params, lr=1e-3)
+    fused_adam = FusedAdam({"lr": 1e-3}, set_grads_to_none=False)  # timed again and again
     parts = {
         "forward+backward": forward_backward,
         "register": diffusion.register,
         "register under trace": register_traced,
         "pyro.optim.Adam": lambda: pyro_adam(captured),
         "torch.optim.Adam": torch_adam.step,
+        "FusedAdam": lambda: fused_adam(captured),
         "zero_grads (SVI)": lambda: zero_grads(captured),
         "zero_grad (torch)": lambda: torch_adam.zero_grad(set_to_none=False),
     }

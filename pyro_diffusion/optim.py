@@ -65,6 +65,12 @@ class FusedOptim(pyro.optim.PyroOptim):
         lrd: learning-rate decay: every param group's ``lr`` is multiplied by ``lrd`` before
             each step, as ``pyro.optim.ClippedAdam`` does (so after n steps it is
             ``lr · lrd**n``).  Default 1 (no decay).
+        set_grads_to_none: after the step, set the stepped parameters' ``.grad`` to ``None``
+            (default), as ``Optimizer.zero_grad()`` does by default.  ``SVI`` then skips them in
+            its ``zero_grads`` (which would allocate a zero tensor per parameter) and the next
+            backward pass writes the gradients instead of adding them to zeros — the same
+            numbers, fewer kernels.  ``False`` leaves the gradients for ``SVI`` to zero, as
+            with ``pyro.optim.Adam``.
 
     State: :meth:`get_state` returns ``{param name: state dict}`` in the same per-parameter
     format ``PyroOptim.get_state`` writes (each entry is what a one-parameter torch optimizer's
@@ -82,6 +88,7 @@ class FusedOptim(pyro.optim.PyroOptim):
         *,
         clip_norm: float | None = None,
         lrd: float = 1.0,
+        set_grads_to_none: bool = True,
     ) -> None:
         if not (inspect.isclass(optim_constructor) and issubclass(optim_constructor, torch.optim.Optimizer)):
             raise TypeError(
@@ -99,7 +106,10 @@ class FusedOptim(pyro.optim.PyroOptim):
             raise ValueError(f"clip_norm: expected a positive finite number or None, got {clip_norm!r}")
         if not (_is_real(lrd) and 0 < lrd < math.inf):
             raise ValueError(f"lrd: expected a positive finite number (1 = no decay), got {lrd!r}")
+        if not isinstance(set_grads_to_none, bool):
+            raise TypeError(f"set_grads_to_none: expected a bool, got {set_grads_to_none!r}")
         super().__init__(optim_constructor, optim_args)
+        self.set_grads_to_none = set_grads_to_none
         self.clip_norm = None if clip_norm is None else float(clip_norm)
         self.lrd = float(lrd)
         self._optimizer: torch.optim.Optimizer | None = None
@@ -133,6 +143,9 @@ class FusedOptim(pyro.optim.PyroOptim):
             if self.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self._ordered, self.clip_norm)
             optimizer.step(*args, **kwargs)
+            if self.set_grads_to_none:
+                for p in self._ordered:
+                    p.grad = None
             return
         # a subset: hide the other parameters' gradients (optimizers skip grad None)
         hidden = [(p, p.grad) for p in self._ordered if p not in params and p.grad is not None]
@@ -145,6 +158,9 @@ class FusedOptim(pyro.optim.PyroOptim):
         finally:
             for p, grad in hidden:
                 p.grad = grad
+        if self.set_grads_to_none:
+            for p in params:
+                p.grad = None
 
     def _args_for(self, param: torch.Tensor) -> dict:
         if not callable(self.pt_optim_args):
@@ -254,12 +270,19 @@ class FusedOptim(pyro.optim.PyroOptim):
 
 
 def FusedAdam(
-    optim_args: dict | Callable[..., dict], *, clip_norm: float | None = None, lrd: float = 1.0
+    optim_args: dict | Callable[..., dict],
+    *,
+    clip_norm: float | None = None,
+    lrd: float = 1.0,
+    set_grads_to_none: bool = True,
 ) -> FusedOptim:
     """``torch.optim.Adam`` over all parameters in one optimizer: the same updates as
     ``pyro.optim.Adam(optim_args)`` at a fraction of its per-step cost.  ``clip_norm``
-    (total gradient norm) and ``lrd`` (learning-rate decay per step) as in :class:`FusedOptim`."""
-    return FusedOptim(torch.optim.Adam, optim_args, clip_norm=clip_norm, lrd=lrd)
+    (total gradient norm), ``lrd`` (learning-rate decay per step) and ``set_grads_to_none``
+    as in :class:`FusedOptim`."""
+    return FusedOptim(
+        torch.optim.Adam, optim_args, clip_norm=clip_norm, lrd=lrd, set_grads_to_none=set_grads_to_none
+    )
 
 
 def _is_real(x: Any) -> bool:

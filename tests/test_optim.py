@@ -44,15 +44,19 @@ def _assert_same(a, b, rtol=1e-6, atol=1e-7):
 
 
 @pytest.mark.parametrize(
-    "args",
-    [{"lr": 1e-2}, {"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-3, "foreach": True}],
-    ids=["default", "foreach+wd"],
+    "args, to_none",
+    [
+        ({"lr": 1e-2}, True),
+        ({"lr": 1e-2}, False),
+        ({"lr": 1e-2, "betas": (0.8, 0.99), "weight_decay": 1e-3, "foreach": True}, True),
+    ],
+    ids=["default", "keep-grads", "foreach+wd"],
 )
-def test_same_trajectory_as_pyro_adam(args):
+def test_same_trajectory_as_pyro_adam(args, to_none):
     reference, fused = _diffusion("reference"), _diffusion("fused")
     _assert_same(_params(reference), _params(fused))
     losses_ref = _train(reference, pyro.optim.Adam(dict(args)), 5)
-    optim = FusedAdam(dict(args))
+    optim = FusedAdam(dict(args), set_grads_to_none=to_none)
     losses_fused = _train(fused, optim, 5)
     assert losses_ref == pytest.approx(losses_fused, rel=1e-5)
     _assert_same(_params(reference), _params(fused))
@@ -60,6 +64,8 @@ def test_same_trajectory_as_pyro_adam(args):
     assert all(not torch.equal(v, start[k]) for k, v in _params(fused).items())  # it did move
     assert len(optim.optimizer.param_groups) == 1
     assert len(optim.optimizer.param_groups[0]["params"]) == len(list(fused.parameters()))
+    for p in fused.parameters():  # SVI's zero_grads leaves zeros unless the optimizer let go
+        assert p.grad is None if to_none else torch.count_nonzero(p.grad) == 0
 
 
 def _manual_params():
@@ -79,7 +85,7 @@ def test_lrd_and_clip_norm_against_a_hand_written_loop():
     lr, lrd, clip = 0.1, 0.9, 1.0
     params = _manual_params()
     mirror = [p.detach().clone().requires_grad_() for p in params]
-    optim = FusedAdam({"lr": lr}, clip_norm=clip, lrd=lrd)
+    optim = FusedAdam({"lr": lr}, clip_norm=clip, lrd=lrd, set_grads_to_none=False)
     torch_adam = torch.optim.Adam(mirror, lr=lr)
     for step in range(4):
         _set_grads(params, step)
@@ -108,6 +114,7 @@ def test_parameters_not_in_the_call_are_left_alone():
     assert torch.equal(b.detach(), b_before)
     assert torch.equal(optim.optimizer.state[b]["step"], b_steps)
     assert b.grad is b_grad  # handed back after the step
+    assert a.grad is None  # set_grads_to_none: only the stepped parameters
 
 
 def test_new_parameters_join_later():
@@ -245,6 +252,8 @@ def test_bad_arguments_raise_clear_errors():
     for bad in (0, float("nan"), None):
         with pytest.raises(ValueError, match="lrd: expected a positive finite number"):
             FusedAdam({"lr": 1e-3}, lrd=bad)
+    with pytest.raises(TypeError, match="set_grads_to_none: expected a bool"):
+        FusedAdam({"lr": 1e-3}, set_grads_to_none="yes")
     optim = FusedAdam({"lr": 1e-3})
     with pytest.raises(TypeError, match="set_state: expected"):
         optim.set_state([1, 2])
