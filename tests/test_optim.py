@@ -265,3 +265,29 @@ def test_bad_arguments_raise_clear_errors():
     optim({loose})
     with pytest.raises(RuntimeError, match="not in Pyro's param store"):
         optim.get_state()
+
+
+def test_training_checkpoints_resume_with_fused_adam(tmp_path, monkeypatch):
+    # pyro_diffusion.training keeps optim.get_state() in its checkpoint and calls set_state on
+    # resume before the first step; with FusedAdam in place of its PyroOptim, an interrupted
+    # and resumed run must still equal the uninterrupted one
+    from pyro_diffusion import training
+
+    def fused(config):
+        return FusedAdam({"lr": config.lr}, lrd=config.lr_final_fraction ** (1.0 / config.steps))
+
+    monkeypatch.setattr(training, "make_optim", fused)
+    config = training.TrainConfig(
+        data="moons", objective="elbo", steps=12, batch_size=16, num_steps=10, hidden=16, depth=1,
+        num_train=64, num_test=16, checkpoint_every=5, lr_final_fraction=0.5, progress=False,
+    )  # fmt: skip
+    whole = training.train(config, tmp_path / "whole", figures=False)
+    training.train(config, tmp_path / "part", stop_after=7, figures=False)
+    resumed = training.train(config, tmp_path / "part", resume=True, figures=False)
+    assert resumed["loss_history"] == whole["loss_history"]
+    load = lambda run: torch.load(run / training.CHECKPOINT, weights_only=False)  # noqa: E731
+    a, b = load(tmp_path / "whole"), load(tmp_path / "part")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    lrs = [s["param_groups"][0]["lr"] for s in b["optim"].values()]
+    assert lrs and all(lr == pytest.approx(config.lr * 0.5) for lr in lrs)  # decayed over all 12 steps
