@@ -1,6 +1,6 @@
 """Full ELBO against L_simple (and the hybrid) on scikit-learn's 8×8 digits.
 
-    python examples/digits_compare.py --quick                 # a minute or two on a CPU
+    python examples/digits_compare.py --quick                 # about a minute on a CPU
     python examples/digits_compare.py --steps 6000 --seeds 0  # the results page (docs/results.md)
 
 The same MLP denoiser, noise schedule and budget are trained with each objective
@@ -29,7 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--quick", action="store_true", help="150 steps, T = 100, small MLP, 2 seeds")
+    parser.add_argument(
+        "--quick", action="store_true", help="1000 steps, T = 100, small MLP, 2 seeds (about a minute)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="SVI steps per run (default 6000)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default 0 1 2)")
     parser.add_argument(

@@ -201,8 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke-sized comparison that runs in a minute or two on a CPU: 150 steps, T = 100, "
-        "a small MLP, 2 seeds (explicit flags still override)",
+        help="a small comparison that runs in about a minute on a CPU: 1000 steps, T = 100, "
+        "an MLP of width 128 and depth 2, 2 seeds (explicit flags still override)",
     )
     compare.add_argument("--samples", type=_positive_int, help="samples per run for quality metrics")
     compare.add_argument("--no-baselines", action="store_true", help="skip the categorical baselines")

@@ -47,13 +47,14 @@ __all__ = ["QUICK", "run_comparison", "format_table", "parse_table"]
 
 DEFAULT_OBJECTIVES = ("elbo", "elbo-is", "simple", "hybrid")
 
-#: what ``--quick`` changes in the base configuration (seconds per run on a CPU)
+#: what ``--quick`` changes in the base configuration: a few seconds per run on a CPU (the
+#: whole digits comparison, 4 objectives × 2 seeds, in about a minute on an idle 2-core box)
 QUICK = {
-    "steps": 150,
+    "steps": 1000,
     "num_steps": 100,
-    "hidden": 64,
+    "hidden": 128,
     "depth": 2,
-    "checkpoint_every": 150,
+    "checkpoint_every": 1000,
     "num_train": 5000,
     "num_test": 1000,
 }
