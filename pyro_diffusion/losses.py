@@ -81,10 +81,17 @@ _FIRST_PARAMETER: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class _DiffusionLoss(ELBO):
-    """Shared plumbing: find the diffusion, check data, register parameters, sum per datum."""
+    """Shared plumbing: find the diffusion, check data, register parameters, sum per datum.
+
+    Subclasses define ``per_datum(diffusion, x0)``; a loss for another kind of diffusion
+    (e.g. :mod:`pyro_diffusion.vdm`) overrides ``owner`` to find it behind (model, guide)."""
 
     def __init__(self) -> None:
         super().__init__(num_particles=1)
+
+    def owner(self, model, guide):
+        """The diffusion whose chains ``model`` and ``guide`` are."""
+        return diffusion_of(model, guide)
 
     def per_datum(self, diffusion, x0: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
@@ -95,7 +102,7 @@ class _DiffusionLoss(ELBO):
         )
 
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        diffusion = diffusion_of(model, guide)
+        diffusion = self.owner(model, guide)
         x0 = args[0] if args else kwargs.get("x0")
         if x0 is None:
             raise ValueError("x0: these losses need data; got None")

@@ -26,8 +26,8 @@ does depend on the shape, so :class:`DiscreteTimeELBO` trains it on the bound by
 from __future__ import annotations
 
 import torch
-from pyro.infer import ELBO
 
+from ..losses import _DiffusionLoss
 from .diffusion import ContinuousDiffusion, _sum_event
 
 __all__ = [
@@ -68,40 +68,20 @@ def vdm_of(model, guide) -> ContinuousDiffusion:
     return owners[0]
 
 
-class _VDMLoss(ELBO):
+class _VDMLoss(_DiffusionLoss):
+    """The core losses' plumbing (:class:`pyro_diffusion.losses._DiffusionLoss`) for a
+    :class:`ContinuousDiffusion`, with uniform or low-discrepancy times."""
+
     def __init__(self, low_discrepancy: bool = True) -> None:
-        super().__init__(num_particles=1)
+        super().__init__()
         self.low_discrepancy = low_discrepancy
+
+    def owner(self, model, guide) -> ContinuousDiffusion:
+        return vdm_of(model, guide)
 
     def times(self, x0: torch.Tensor) -> torch.Tensor:
         sampler = low_discrepancy_times if self.low_discrepancy else uniform_times
         return sampler(x0.shape[0], device=x0.device)
-
-    def per_datum(self, vdm: ContinuousDiffusion, x0: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
-
-    def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - no traces here
-        raise NotImplementedError(
-            f"{type(self).__name__} evaluates the bound in closed form; it makes no traces"
-        )
-
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        vdm = vdm_of(model, guide)
-        x0 = args[0] if args else kwargs.get("x0")
-        if x0 is None:
-            raise ValueError("x0: these losses need data; got None")
-        vdm.check_data(x0)
-        vdm.register()
-        return self.per_datum(vdm, x0).sum()
-
-    def loss(self, model, guide, *args, **kwargs) -> float:
-        with torch.no_grad():
-            return self.differentiable_loss(model, guide, *args, **kwargs).item()
-
-    def loss_and_grads(self, model, guide, *args, **kwargs) -> torch.Tensor:
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        loss.backward()
-        return loss.detach()
 
 
 class _BoundLoss(_VDMLoss):
