@@ -28,23 +28,14 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion
-from .observations import LinearObservation
+from .observations import LinearObservation, check_conditioning
 from .prior import frozen, reverse_step, reverse_step_and_x0
 
 __all__ = ["replacement_sample", "dps_sample"]
 
 
 def _check(diffusion, observation, y, num_samples):
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
-    if not isinstance(observation, LinearObservation):
-        raise TypeError(f"observation: expected a LinearObservation, got {type(observation).__name__}")
-    if tuple(observation.event_shape) != tuple(diffusion.event_shape):
-        raise ValueError(
-            f"observation: event_shape {tuple(observation.event_shape)} differs from the diffusion's "
-            f"{tuple(diffusion.event_shape)}"
-        )
-    observation.check_y(y)
+    check_conditioning(diffusion, observation, y)
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
 

@@ -40,7 +40,7 @@ from pyro.infer.autoguide import init_to_sample
 from pyro.infer.reparam import LocScaleReparam
 
 from ..diffusion import GaussianDiffusion
-from .observations import LinearObservation
+from .observations import LinearObservation, check_conditioning
 from .prior import DiffusionPrior
 
 __all__ = ["conditional_model", "nuts_conditional", "NUTSResult"]
@@ -105,16 +105,7 @@ def nuts_conditional(
             module docstring).
         progress: show Pyro's progress bar.
     """
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
-    if not isinstance(observation, LinearObservation):
-        raise TypeError(f"observation: expected a LinearObservation, got {type(observation).__name__}")
-    if tuple(observation.event_shape) != tuple(diffusion.event_shape):
-        raise ValueError(
-            f"observation: event_shape {tuple(observation.event_shape)} differs from the diffusion's "
-            f"{tuple(diffusion.event_shape)}"
-        )
-    observation.check_y(y)
+    check_conditioning(diffusion, observation, y)
     for arg, value in (("num_samples", num_samples), ("num_chains", num_chains)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")

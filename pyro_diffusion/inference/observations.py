@@ -167,3 +167,21 @@ class LinearObservation:
             f"LinearObservation(m={self.num_observations}, event_shape={tuple(self.event_shape)}, "
             f"noise_scale={self.noise_scale})"
         )
+
+
+def check_conditioning(diffusion, observation: LinearObservation, y: torch.Tensor) -> torch.Tensor:
+    """Refuse a (diffusion, observation, y) triple that does not fit together: ``diffusion`` a
+    :class:`~pyro_diffusion.GaussianDiffusion`, ``observation`` a :class:`LinearObservation` of
+    the same event shape, ``y`` a valid observation.  Returns ``y``."""
+    from ..diffusion import GaussianDiffusion
+
+    if not isinstance(diffusion, GaussianDiffusion):
+        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
+    if not isinstance(observation, LinearObservation):
+        raise TypeError(f"observation: expected a LinearObservation, got {type(observation).__name__}")
+    if tuple(observation.event_shape) != tuple(diffusion.event_shape):
+        raise ValueError(
+            f"observation: event_shape {tuple(observation.event_shape)} differs from the diffusion's "
+            f"{tuple(diffusion.event_shape)}"
+        )
+    return observation.check_y(y)

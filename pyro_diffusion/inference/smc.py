@@ -52,7 +52,7 @@ from pyro.infer import SMCFilter
 from tqdm.auto import tqdm
 
 from ..diffusion import GaussianDiffusion
-from .observations import LinearObservation
+from .observations import LinearObservation, check_conditioning
 from .prior import frozen, reverse_step_and_x0
 
 __all__ = ["twisted_smc", "SMCResult", "TWIST_VARIANCES"]
@@ -268,22 +268,13 @@ def twisted_smc(
     Returns:
         an :class:`SMCResult` with the weighted particles, ESS per step and log p̂_θ(y).
     """
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
+    check_conditioning(diffusion, observation, y)
     if diffusion.decoder != "gaussian":
         raise ValueError(
             f"diffusion: twisted SMC needs a Gaussian decoder (continuous x_0), got decoder={diffusion.decoder!r}"
         )
-    if not isinstance(observation, LinearObservation):
-        raise TypeError(f"observation: expected a LinearObservation, got {type(observation).__name__}")
-    if tuple(observation.event_shape) != tuple(diffusion.event_shape):
-        raise ValueError(
-            f"observation: event_shape {tuple(observation.event_shape)} differs from the diffusion's "
-            f"{tuple(diffusion.event_shape)}"
-        )
     if isinstance(observation.noise_scale, torch.Tensor) and observation.noise_scale.numel() != 1:
         raise ValueError("observation: twisted_smc needs a scalar noise_scale")
-    observation.check_y(y)
     if y.dim() != 1:
         raise ValueError(f"y: expected one observation of shape (m,), got {tuple(y.shape)}")
     if not isinstance(num_particles, int) or num_particles < 2:

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from ..chains import site_name
 from ..diffusion import GaussianDiffusion
-from .observations import LinearObservation
+from .observations import LinearObservation, check_conditioning
 from .prior import DiffusionPrior
 
 __all__ = ["MonteCarloNormal", "chain_guide", "svi_conditional", "SVIResult"]
@@ -140,11 +140,7 @@ def svi_conditional(
         num_steps: optimizer steps; num_particles: draws per ELBO estimate (a plate).
         lr: Adam's learning rate; init_scale: initial standard deviation of q_φ(x_0).
     """
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
-    if not isinstance(observation, LinearObservation):
-        raise TypeError(f"observation: expected a LinearObservation, got {type(observation).__name__}")
-    observation.check_y(y)
+    check_conditioning(diffusion, observation, y)
     for arg, value in (("num_steps", num_steps), ("num_particles", num_particles)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
