@@ -29,7 +29,61 @@ from .parameterization import (
 )
 from .schedule import NoiseSchedule
 
-__all__ = ["GaussianDiffusion"]
+__all__ = ["GaussianDiffusion", "check_event_shape", "check_batch", "register_module"]
+
+
+def check_event_shape(event_shape) -> torch.Size:
+    """``event_shape`` as a ``torch.Size``: non-empty, every size positive."""
+    try:
+        event_shape = torch.Size(event_shape)
+    except TypeError as error:
+        raise TypeError(f"event_shape: expected a tuple of ints, got {event_shape!r}") from error
+    if len(event_shape) == 0 or any(d < 1 for d in event_shape):
+        raise ValueError(
+            f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}"
+        )
+    return event_shape
+
+
+def check_batch(x0, event_shape: torch.Size, device=None, argument: str = "x0") -> torch.Tensor:
+    """Refuse ``x0`` unless it is a float tensor of shape ``(B, *event_shape)`` (on ``device``
+    when given); with Pyro's validation on (the default) also refuse NaN or infinite values,
+    the one check that reads tensor values (``pyro.enable_validation(False)`` skips it)."""
+    if not isinstance(x0, torch.Tensor):
+        raise TypeError(f"{argument}: expected a torch.Tensor, got {type(x0).__name__}")
+    if not x0.is_floating_point():
+        raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {x0.dtype}")
+    if x0.dim() != len(event_shape) + 1 or x0.shape[1:] != event_shape:
+        raise ValueError(
+            f"{argument}: expected shape (batch, {', '.join(map(str, event_shape))}) "
+            f"for event_shape {tuple(event_shape)}, got {tuple(x0.shape)}"
+        )
+    if device is not None and x0.device != device:
+        raise ValueError(
+            f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)"
+        )
+    if is_validation_enabled() and not torch.isfinite(x0).all():
+        raise ValueError(f"{argument}: contains NaN or infinite values")
+    return x0
+
+
+def register_module(name: str, module: nn.Module) -> None:
+    """``pyro.module(name, module)``, refusing to run when Pyro's param store already holds
+    parameters of the same name that are not this module's (a previous model of the same
+    name): Pyro would silently optimize those instead."""
+    held = pyro.get_param_store()._params
+    named = [(f"{name}$$${n}", p) for n, p in module.named_parameters()]  # one tree walk
+    for full, param in named:
+        if param.requires_grad and held.get(full, param) is not param:
+            raise RuntimeError(
+                f"Pyro's param store already holds {full!r} from another module; call "
+                f"pyro.clear_param_store() or give this {type(module).__name__} a different name="
+            )
+    if "$$$" in name or not all(p.requires_grad for _, p in named):
+        pyro.module(name, module)  # its name check, its warning on frozen parameters
+        return
+    for full, param in named:  # what pyro.module does here, without walking the tree again
+        pyro.param(full, param)
 
 
 class GaussianDiffusion(nn.Module):
@@ -89,14 +143,7 @@ class GaussianDiffusion(nn.Module):
             raise TypeError(f"denoiser: expected an nn.Module, got {type(denoiser).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
-        try:
-            event_shape = torch.Size(event_shape)
-        except TypeError as error:
-            raise TypeError(f"event_shape: expected a tuple of ints, got {event_shape!r}") from error
-        if len(event_shape) == 0 or any(d < 1 for d in event_shape):
-            raise ValueError(
-                f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}"
-            )
+        event_shape = check_event_shape(event_shape)
         if mean not in MEANS:
             raise ValueError(f"mean: expected one of {MEANS}, got {mean!r}")
         if variance not in VARIANCES:
@@ -152,23 +199,7 @@ class GaussianDiffusion(nn.Module):
     def check_data(self, x0: torch.Tensor, argument: str = "x0") -> torch.Tensor:
         """Refuse data that is not a float tensor of shape ``(B, *event_shape)`` on the
         schedule's device (and, with Pyro's validation on, data containing NaN/inf)."""
-        if not isinstance(x0, torch.Tensor):
-            raise TypeError(f"{argument}: expected a torch.Tensor, got {type(x0).__name__}")
-        if not x0.is_floating_point():
-            raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {x0.dtype}")
-        if x0.dim() != self.event_dims + 1 or x0.shape[1:] != self.event_shape:
-            raise ValueError(
-                f"{argument}: expected shape (batch, {', '.join(map(str, self.event_shape))}) "
-                f"for event_shape {tuple(self.event_shape)}, got {tuple(x0.shape)}"
-            )
-        device = self.schedule.betas.device
-        if x0.device != device:
-            raise ValueError(
-                f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)"
-            )
-        if is_validation_enabled() and not torch.isfinite(x0).all():
-            raise ValueError(f"{argument}: contains NaN or infinite values")
-        return x0
+        return check_batch(x0, self.event_shape, self.schedule.betas.device, argument)
 
     def check_steps(self, t: torch.Tensor, batch: int | None = None, argument: str = "t") -> torch.Tensor:
         if not isinstance(t, torch.Tensor) or t.dtype != torch.long:
@@ -230,24 +261,9 @@ class GaussianDiffusion(nn.Module):
 
     # ------------------------------------------------------------------ Pyro programs
     def register(self) -> None:
-        """Enter the trainable parameters into Pyro's param store (``pyro.module``).
-
-        Refuses to run when the store already holds parameters of the same name that are not
-        this module's (a previous model of the same ``name``): Pyro would silently optimize
-        those instead of ours."""
-        held = pyro.get_param_store()._params
-        named = [(f"{self.name}$$${n}", p) for n, p in self.named_parameters()]  # one tree walk
-        for full, param in named:
-            if param.requires_grad and held.get(full, param) is not param:
-                raise RuntimeError(
-                    f"Pyro's param store already holds {full!r} from another module; call "
-                    f"pyro.clear_param_store() or give this GaussianDiffusion a different name="
-                )
-        if "$$$" in self.name or not all(p.requires_grad for _, p in named):
-            pyro.module(self.name, self)  # its name check, its warning on frozen parameters
-            return
-        for full, param in named:  # what pyro.module does here, without walking the tree again
-            pyro.param(full, param)
+        """Enter the trainable parameters into Pyro's param store under ``name``; see
+        :func:`register_module` (refuses stale parameters of the same name)."""
+        register_module(self.name, self)
 
     def model(self, x0: torch.Tensor | None = None, *, num_samples: int | None = None, **kwargs):
         """The reverse chain p_θ(x_{0:T}) as a Pyro model; observes ``x0`` when given,

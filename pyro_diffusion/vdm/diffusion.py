@@ -31,11 +31,11 @@ from typing import NamedTuple
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.util import is_validation_enabled
 from torch import nn
 from tqdm.auto import tqdm
 
 from ..decoders import DiscretizedGaussian
+from ..diffusion import check_batch, check_event_shape, register_module
 from .schedules import GammaSchedule, alpha_sigma
 
 DECODERS = ("plain", "denoiser")
@@ -189,14 +189,7 @@ class ContinuousDiffusion(nn.Module):
             raise TypeError(f"denoiser: expected an nn.Module, got {type(denoiser).__name__}")
         if not isinstance(schedule, GammaSchedule):
             raise TypeError(f"schedule: expected a GammaSchedule, got {type(schedule).__name__}")
-        try:
-            event_shape = torch.Size(event_shape)
-        except TypeError as error:
-            raise TypeError(f"event_shape: expected a tuple of ints, got {event_shape!r}") from error
-        if len(event_shape) == 0 or any(d < 1 for d in event_shape):
-            raise ValueError(
-                f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}"
-            )
+        event_shape = check_event_shape(event_shape)
         if num_levels is not None and (
             isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2
         ):
@@ -226,21 +219,12 @@ class ContinuousDiffusion(nn.Module):
 
     def check_data(self, x0: torch.Tensor, argument: str = "x0") -> torch.Tensor:
         """Refuse data that is not a float tensor of shape ``(B, *event_shape)``."""
-        if not isinstance(x0, torch.Tensor):
-            raise TypeError(f"{argument}: expected a torch.Tensor, got {type(x0).__name__}")
-        if not x0.is_floating_point():
-            raise TypeError(f"{argument}: expected a floating-point tensor, got dtype {x0.dtype}")
-        if x0.dim() != len(self.event_shape) + 1 or x0.shape[1:] != self.event_shape:
-            raise ValueError(
-                f"{argument}: expected shape (batch, {', '.join(map(str, self.event_shape))}), got {tuple(x0.shape)}"
-            )
-        if is_validation_enabled() and not torch.isfinite(x0).all():
-            raise ValueError(f"{argument}: contains NaN or infinite values")
-        return x0
+        return check_batch(x0, self.event_shape, argument=argument)
 
     def register(self) -> None:
-        """Enter the denoiser's and the schedule's parameters into Pyro's param store."""
-        pyro.module(self.name, self)
+        """Enter the denoiser's and the schedule's parameters into Pyro's param store
+        (refusing stale parameters of the same name, as the core does)."""
+        register_module(self.name, self)
 
     # ------------------------------------------------------------------ pieces
     def predict_eps(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
