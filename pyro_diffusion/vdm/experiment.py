@@ -53,6 +53,8 @@ __all__ = [
     "plot_results",
     "summarize",
     "run_vdm_comparison",
+    "split_validation",
+    "paired_comparison",
 ]
 
 #: what ``quick`` changes (a smoke-sized run: seconds per configuration on a CPU)
@@ -108,6 +110,56 @@ def make_loss(config: str):
     return ContinuousTimeELBO()
 
 
+def split_validation(train: torch.Tensor, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training part, validation part) of ``train``: ``val_size`` images drawn by a fixed
+    permutation (``seed``, the same for every configuration and training seed) are held out."""
+    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train.shape[0]:
+        raise ValueError(f"val_size: expected an integer in [0, {train.shape[0]}), got {val_size!r}")
+    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
+    return train[order[val_size:]], train[order[:val_size]]
+
+
+class _WeightAverage:
+    """An exponential moving average of a module's parameters (decay ramped up as
+    min(decay, (1 + n)/(10 + n)) after n updates); :meth:`swapped_in` puts it in place."""
+
+    def __init__(self, module: torch.nn.Module, decay: float) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"ema: expected a decay in (0, 1), got {decay!r}")
+        self.module, self.decay, self.updates = module, decay, 0
+        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        for name, param in self.module.named_parameters():
+            self.shadow[name].lerp_(param.detach(), 1 - decay)
+
+    @torch.no_grad()
+    def copy_to(self, module: torch.nn.Module) -> None:
+        for name, param in module.named_parameters():
+            param.copy_(self.shadow[name])
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@torch.no_grad()
+def _restore(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    for name, param in module.named_parameters():
+        param.copy_(values[name])
+
+
+def _validation_bpd(vdm: ContinuousDiffusion, val: torch.Tensor, num_times: int) -> float:
+    """The continuous-time bound on ``val`` with the same (t, ε) draws at every call (common
+    random numbers, so that checkpoints are compared on equal terms)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(2024)
+        return vdm.nll(val, num_times=num_times).dataset_mean()[0]
+
+
 def train_and_evaluate(
     config: str,
     *,
@@ -125,6 +177,11 @@ def train_and_evaluate(
     eval_steps: Sequence[int] = (16, 64, 1000),
     log_every: int = 0,
     progress: bool = False,
+    val_size: int = 0,
+    eval_every: int = 0,
+    val_times: int = 16,
+    ema: float = 0.0,
+    weight_decay: float = 0.0,
 ) -> dict:
     """Train configuration ``config`` on a K-level data set and evaluate it on the test split.
 
@@ -132,7 +189,20 @@ def train_and_evaluate(
     γ through :class:`~pyro_diffusion.vdm.NoiseLevelDenoiser`; optimizer ``ClippedAdam`` with
     learning rate ``lr`` (``schedule_lr`` for the schedule's parameters); ``decoder`` as in
     :class:`~pyro_diffusion.vdm.ContinuousDiffusion`.  Evaluation draws are
-    seeded identically for every configuration.  Returns a JSON-able dict (bits/dim)."""
+    seeded identically for every configuration.  Returns a JSON-able dict (bits/dim), with the
+    per-image test bound (``test_per_image_bpd`` and its Monte Carlo ``…_se``).
+
+    Regularization and checkpoint selection (all off by default):
+
+    * ``val_size``: hold out that many training images (:func:`split_validation`, the same
+      split for every configuration and seed); training uses the rest.
+    * ``eval_every`` (with ``val_size``): every that many steps, and at the end, measure the
+      continuous-time bound on the held-out images (``val_times`` draws per image, the same
+      draws at every check) and keep the best checkpoint; it is the one evaluated on test.
+      The test split is never used for selection.
+    * ``ema``: keep an exponential moving average of the weights with this decay; the
+      average is what is validated and evaluated.
+    * ``weight_decay``: L2 penalty on the denoiser's weights (Adam's ``weight_decay``)."""
     _check_config(config)
     dataset = load_dataset(data)
     if dataset.num_levels is None:
@@ -141,6 +211,11 @@ def train_and_evaluate(
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     train, test = dataset.train, dataset.test
+    val = None
+    if val_size:
+        train, val = split_validation(train, val_size)
+    if eval_every and val is None:
+        raise ValueError("eval_every: checkpoint selection needs a validation split (val_size > 0)")
     event_shape = tuple(train.shape[1:])
     dim = math.prod(event_shape)
     network = MLPDenoiser(dim, hidden=hidden, depth=depth)
@@ -150,17 +225,43 @@ def train_and_evaluate(
     )
 
     def per_param(name, _param):
-        return {"lr": schedule_lr if "$$$schedule." in name else lr, "clip_norm": 10.0}
+        decay = weight_decay if "$$$denoiser." in name else 0.0
+        return {"lr": schedule_lr if "$$$schedule." in name else lr, "clip_norm": 10.0, "weight_decay": decay}
 
     svi = SVI(vdm.model, vdm.guide, ClippedAdam(per_param), make_loss(config))
     generator = torch.Generator().manual_seed(seed)
     nats_to_bits = 1 / (dim * math.log(2))
-    history = []
+    history, val_history = [], []
+    average = best = None
+    best_value, best_step = math.inf, None
+
+    def check(step):
+        nonlocal best, best_value, best_step
+        current = _snapshot(vdm) if average is not None else None
+        if average is not None:
+            average.copy_to(vdm)
+        value = _validation_bpd(vdm, val, val_times)
+        val_history.append((step, value))
+        if value < best_value:
+            best, best_value, best_step = _snapshot(vdm), value, step
+        if current is not None:
+            _restore(vdm, current)
+        return value
+
     start = time.time()
     bar = tqdm(range(steps), desc=config, disable=not progress)
     for step in bar:
         rows = torch.randint(0, train.shape[0], (batch,), generator=generator)
         loss = svi.step(train[rows]) / batch * nats_to_bits
+        if ema:
+            if average is None:  # the parameters exist once the first step has run
+                average = _WeightAverage(vdm, ema)
+            else:
+                average.update()
+        if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
+            value = check(step + 1)
+            if log_every:
+                print(f"{config} seed {seed} step {step + 1}: validation {value:.4f}", flush=True)
         if step % 100 == 0 or step == steps - 1:
             history.append((step, loss))
             bar.set_postfix(loss=f"{loss:.3f}")
@@ -181,6 +282,15 @@ def train_and_evaluate(
         "train_seconds": time.time() - start,
         "train_history": history,
     }
+    if val_size or ema or weight_decay:
+        result.update(val_size=val_size, eval_every=eval_every, ema=ema, weight_decay=weight_decay)
+    if best is not None:
+        _restore(vdm, best)
+        result.update(val_history=val_history, best_step=best_step, val_bpd=best_value)
+    elif average is not None:
+        average.copy_to(vdm)
+    if val is not None and best is None:
+        result["val_bpd"] = _validation_bpd(vdm, val, val_times)
     vdm.eval()
     gamma0, gamma1 = vdm.schedule.endpoints()
     result["gamma_min"], result["gamma_max"] = gamma0.item(), gamma1.item()
@@ -190,6 +300,9 @@ def train_and_evaluate(
     estimate = vdm.nll(test, num_times=eval_times)
     result["test_bpd_continuous"], result["test_bpd_continuous_se"] = estimate.dataset_mean()
     result["estimator_variance_bpd2"] = estimate.variance.mean().item()
+    result["eval_times"] = eval_times
+    result["test_per_image_bpd"] = estimate.mean.tolist()
+    result["test_per_image_se"] = estimate.standard_error.tolist()
     with torch.no_grad():
         terms = vdm.loss_terms(test, torch.rand(test.shape[0], dtype=torch.float64))
     result["decoder_bpd"] = terms.decoder.mean().item() * nats_to_bits
@@ -286,6 +399,52 @@ def plot_results(results: Sequence[dict], out: str | Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def paired_comparison(
+    results: Sequence[dict], dataset=None, *, num_components: int = 50, seed: int = 0
+) -> dict:
+    """The diffusion's per-image test bound against the mixture of categoricals on the same
+    test images, paired.
+
+    ``results``: result dicts of one configuration (several seeds are averaged per image) with
+    ``test_per_image_bpd``.  The mixture (:class:`~pyro_diffusion.baselines.CategoricalMixture`,
+    fitted on the whole training split) gives exact per-image code lengths.  Returns, in
+    bits/dim: ``difference`` = mean over images of (mixture − diffusion) (positive: the
+    diffusion is better), its standard error over images ``difference_se`` and ``z`` =
+    difference / se; ``mc_se``, the Monte Carlo standard error of the diffusion's mean (part
+    of ``difference_se``, since each image's estimate is noisy); and both means."""
+    from ..baselines import CategoricalMixture
+
+    if not results or any("test_per_image_bpd" not in r for r in results):
+        raise ValueError("results: expected result dicts with 'test_per_image_bpd'")
+    dataset = dataset if dataset is not None else load_dataset(results[0].get("data", "digits"))
+    test = dataset.test
+    mixture = CategoricalMixture(dataset.num_levels, num_components, seed=seed).fit(dataset.train)
+    mixture_bpd = (-mixture.log_prob(test) / (test[0].numel() * math.log(2))).to(torch.float64)
+    per_seed = torch.tensor([r["test_per_image_bpd"] for r in results], dtype=torch.float64)
+    per_seed_se = torch.tensor([r["test_per_image_se"] for r in results], dtype=torch.float64)
+    if per_seed.shape[1] != mixture_bpd.shape[0]:
+        raise ValueError(
+            f"results: {per_seed.shape[1]} per-image values for {mixture_bpd.shape[0]} test images"
+        )
+    diffusion_bpd = per_seed.mean(0)
+    n = diffusion_bpd.shape[0]
+    difference = mixture_bpd - diffusion_bpd
+    se = (difference.std() / math.sqrt(n)).item()
+    mc_se = (per_seed_se.pow(2).sum(0).sqrt() / per_seed.shape[0]).pow(2).sum().sqrt().item() / n
+    return {
+        "config": results[0]["config"],
+        "seeds": [r["seed"] for r in results],
+        "num_images": n,
+        "mixture_bpd": mixture_bpd.mean().item(),
+        "diffusion_bpd": diffusion_bpd.mean().item(),
+        "difference": difference.mean().item(),
+        "difference_se": se,
+        "z": difference.mean().item() / se,
+        "mc_se": mc_se,
+        "images_better": int((difference > 0).sum()),
+    }
 
 
 def summarize(folder: str | Path, baselines: bool = True) -> str:
