@@ -435,3 +435,34 @@ def test_experiment_passes_the_decoder_through():
         "tuned", steps=2, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0)
     )
     assert result["decoder"] == "denoiser" and result["decoder_bpd"] != plain["decoder_bpd"]
+
+
+def test_experiment_validation_ema_weight_decay_and_paired_comparison():
+    from pyro_diffusion.data import load_dataset
+    from pyro_diffusion.vdm.experiment import paired_comparison, split_validation, train_and_evaluate
+
+    dataset = load_dataset("digits")
+    kept, held = split_validation(dataset.train, 50)
+    assert kept.shape[0] + held.shape[0] == dataset.train.shape[0] and held.shape[0] == 50
+    assert torch.equal(split_validation(dataset.train, 50)[1], held)  # the same split every call
+    with pytest.raises(ValueError, match="val_size"):
+        split_validation(dataset.train, dataset.train.shape[0])
+    with pytest.raises(ValueError, match="eval_every"):
+        train_and_evaluate("tuned", steps=1, hidden=8, depth=1, eval_times=2, eval_steps=(), eval_every=1)
+    settings = dict(steps=4, hidden=8, depth=1, eval_times=3, eval_steps=(), decoder="denoiser")
+    result = train_and_evaluate(
+        "learned", val_size=40, eval_every=2, val_times=2, ema=0.9, weight_decay=1e-3, **settings
+    )
+    assert [step for step, _ in result["val_history"]] == [2, 4]
+    assert result["val_bpd"] == min(value for _, value in result["val_history"])
+    assert result["best_step"] in (2, 4) and result["ema"] == 0.9 and result["weight_decay"] == 1e-3
+    per_image = torch.tensor(result["test_per_image_bpd"], dtype=torch.float64)
+    assert per_image.shape == (dataset.test.shape[0],)
+    assert math.isclose(per_image.mean().item(), result["test_bpd_continuous"], rel_tol=1e-9)
+    plain = train_and_evaluate("tuned", **settings)
+    assert "val_bpd" not in plain and "ema" not in plain  # off by default
+    paired = paired_comparison([result, {**result, "seed": 1}], dataset, num_components=5)
+    assert paired["seeds"] == [0, 1] and paired["num_images"] == dataset.test.shape[0]
+    assert math.isclose(paired["diffusion_bpd"], result["test_bpd_continuous"], rel_tol=1e-9)
+    assert math.isclose(paired["difference"], paired["mixture_bpd"] - paired["diffusion_bpd"], abs_tol=1e-9)
+    assert paired["difference_se"] > 0 and 0 < paired["mc_se"] < result["test_bpd_continuous_se"]
