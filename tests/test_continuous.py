@@ -453,8 +453,8 @@ def test_experiment_validation_ema_weight_decay_and_paired_comparison():
     result = train_and_evaluate(
         "learned", val_size=40, eval_every=2, val_times=2, ema=0.9, weight_decay=1e-3, **settings
     )
-    assert [step for step, _ in result["val_history"]] == [2, 4]
-    assert result["val_bpd"] == min(value for _, value in result["val_history"])
+    assert [row[0] for row in result["val_history"]] == [2, 4]
+    assert result["val_bpd"] == min(row[1] for row in result["val_history"])
     assert result["best_step"] in (2, 4) and result["ema"] == 0.9 and result["weight_decay"] == 1e-3
     per_image = torch.tensor(result["test_per_image_bpd"], dtype=torch.float64)
     assert per_image.shape == (dataset.test.shape[0],)

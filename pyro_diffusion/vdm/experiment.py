@@ -198,8 +198,9 @@ def train_and_evaluate(
       split for every configuration and seed); training uses the rest.
     * ``eval_every`` (with ``val_size``): every that many steps, and at the end, measure the
       continuous-time bound on the held-out images (``val_times`` draws per image, the same
-      draws at every check) and keep the best checkpoint; it is the one evaluated on test.
-      The test split is never used for selection.
+      draws at every check; ``val_history`` rows are step, bound, γ_min, γ_max) and keep the
+      best checkpoint; it is the one evaluated on test.  The test split is never used for
+      selection.
     * ``ema``: keep an exponential moving average of the weights with this decay; the
       average is what is validated and evaluated.
     * ``weight_decay``: L2 penalty on the denoiser's weights (Adam's ``weight_decay``)."""
@@ -241,7 +242,8 @@ def train_and_evaluate(
         if average is not None:
             average.copy_to(vdm)
         value = _validation_bpd(vdm, val, val_times)
-        val_history.append((step, value))
+        low, high = (g.item() for g in vdm.schedule.endpoints())
+        val_history.append((step, value, low, high))
         if value < best_value:
             best, best_value, best_step = _snapshot(vdm), value, step
         if current is not None:
@@ -261,7 +263,11 @@ def train_and_evaluate(
         if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
             value = check(step + 1)
             if log_every:
-                print(f"{config} seed {seed} step {step + 1}: validation {value:.4f}", flush=True)
+                low, high = val_history[-1][2:]
+                print(
+                    f"{config} seed {seed} step {step + 1}: validation {value:.4f}, γ ∈ [{low:.2f}, {high:.2f}]",
+                    flush=True,
+                )
         if step % 100 == 0 or step == steps - 1:
             history.append((step, loss))
             bar.set_postfix(loss=f"{loss:.3f}")
