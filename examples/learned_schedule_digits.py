@@ -66,7 +66,9 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--schedule-lr", type=float, default=1e-2)
+    parser.add_argument(
+        "--schedule-lr", type=float, default=None, help="learning rate of the schedule (default: --lr)"
+    )
     parser.add_argument("--tuned", type=float, nargs=2, default=(-4.0, 2.0), metavar=("GMIN", "GMAX"))
     parser.add_argument("--decoder", default="plain", choices=("plain", "denoiser"))
     parser.add_argument("--eval-times", type=int, default=100)

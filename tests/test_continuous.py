@@ -466,3 +466,18 @@ def test_experiment_validation_ema_weight_decay_and_paired_comparison():
     assert math.isclose(paired["diffusion_bpd"], result["test_bpd_continuous"], rel_tol=1e-9)
     assert math.isclose(paired["difference"], paired["mixture_bpd"] - paired["diffusion_bpd"], abs_tol=1e-9)
     assert paired["difference_se"] > 0 and 0 < paired["mc_se"] < result["test_bpd_continuous_se"]
+
+
+def test_experiment_optimizer_settings_reach_the_right_parameters():
+    from pyro_diffusion.vdm.experiment import optim_args, train_and_evaluate
+
+    settings = optim_args(2e-3, 1e-2, 1e-4)
+    assert settings("vdm.schedule.gamma_min") == {"lr": 1e-2, "clip_norm": 10.0, "weight_decay": 0.0}
+    assert settings("vdm.denoiser.network.input.weight")["weight_decay"] == 1e-4
+    assert settings("vdm.decoder_log_scale") == {"lr": 2e-3, "clip_norm": 10.0, "weight_decay": 0.0}
+    assert optim_args(2e-3)("vdm.schedule.gamma_min")["lr"] == 2e-3  # default: one learning rate
+    run = dict(steps=3, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0))
+    frozen = train_and_evaluate("learned", schedule_lr=0.0, **run)  # Pyro applies the setting
+    moved = train_and_evaluate("learned", **run)
+    assert (frozen["gamma_min"], frozen["gamma_max"]) == pytest.approx((-3.0, 4.0), abs=1e-6)
+    assert abs(moved["gamma_min"] + 3.0) > 1e-4

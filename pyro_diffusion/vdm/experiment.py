@@ -55,6 +55,7 @@ __all__ = [
     "run_vdm_comparison",
     "split_validation",
     "paired_comparison",
+    "optim_args",
 ]
 
 #: what ``quick`` changes (a smoke-sized run: seconds per configuration on a CPU)
@@ -160,6 +161,27 @@ def _validation_bpd(vdm: ContinuousDiffusion, val: torch.Tensor, num_times: int)
         return vdm.nll(val, num_times=num_times).dataset_mean()[0]
 
 
+def optim_args(lr: float, schedule_lr: float | None = None, weight_decay: float = 0.0):
+    """Per-parameter ``ClippedAdam`` settings, called by Pyro with the parameter's name as
+    ``nn.Module.named_parameters()`` gives it under the param store name (``vdm.schedule.…``,
+    ``vdm.denoiser.…``): learning rate ``schedule_lr`` (``None``: ``lr``) for the schedule,
+    ``lr`` for the rest, L2 ``weight_decay`` on the denoiser only, gradient clip norm 10.
+
+    (Before 2026-11-25 this was a two-argument function, which Pyro calls with the module
+    name and the parameter name separately; its test on the name never matched, so every
+    parameter, the schedule's included, was trained with ``lr``.  ``schedule_lr=None``
+    keeps that behaviour, and is the default.)"""
+
+    def per_param(name: str) -> dict:
+        parts = name.split(".")
+        schedule = len(parts) > 1 and parts[1] == "schedule"
+        decay = weight_decay if len(parts) > 1 and parts[1] == "denoiser" else 0.0
+        rate = schedule_lr if schedule and schedule_lr is not None else lr
+        return {"lr": rate, "clip_norm": 10.0, "weight_decay": decay}
+
+    return per_param
+
+
 def train_and_evaluate(
     config: str,
     *,
@@ -170,7 +192,7 @@ def train_and_evaluate(
     hidden: int = 128,
     depth: int = 2,
     lr: float = 2e-3,
-    schedule_lr: float = 1e-2,
+    schedule_lr: float | None = None,
     tuned: tuple[float, float] = (-4.0, 2.0),
     decoder: str = "plain",
     eval_times: int = 100,
@@ -187,7 +209,8 @@ def train_and_evaluate(
 
     The network is :class:`~pyro_diffusion.nets.MLPDenoiser` over the flattened data, seeing
     γ through :class:`~pyro_diffusion.vdm.NoiseLevelDenoiser`; optimizer ``ClippedAdam`` with
-    learning rate ``lr`` (``schedule_lr`` for the schedule's parameters); ``decoder`` as in
+    learning rate ``lr`` (``schedule_lr`` for the schedule's parameters, ``None``: ``lr``;
+    see :func:`optim_args`); ``decoder`` as in
     :class:`~pyro_diffusion.vdm.ContinuousDiffusion`.  Evaluation draws are
     seeded identically for every configuration.  Returns a JSON-able dict (bits/dim), with the
     per-image test bound (``test_per_image_bpd`` and its Monte Carlo ``…_se``).
@@ -225,11 +248,7 @@ def train_and_evaluate(
         denoiser, make_schedule(config, tuned), event_shape, num_levels=dataset.num_levels, decoder=decoder
     )
 
-    def per_param(name, _param):
-        decay = weight_decay if "$$$denoiser." in name else 0.0
-        return {"lr": schedule_lr if "$$$schedule." in name else lr, "clip_norm": 10.0, "weight_decay": decay}
-
-    svi = SVI(vdm.model, vdm.guide, ClippedAdam(per_param), make_loss(config))
+    svi = SVI(vdm.model, vdm.guide, ClippedAdam(optim_args(lr, schedule_lr, weight_decay)), make_loss(config))
     generator = torch.Generator().manual_seed(seed)
     nats_to_bits = 1 / (dim * math.log(2))
     history, val_history = [], []
