@@ -26,7 +26,13 @@ from pathlib import Path
 
 import torch
 
-from pyro_diffusion.vdm.experiment import CONFIGS, paired_comparison, summarize, train_and_evaluate
+from pyro_diffusion.vdm.experiment import (
+    CONFIGS,
+    paired_comparison,
+    paired_difference,
+    summarize,
+    train_and_evaluate,
+)
 
 
 def print_paired(folder: Path) -> None:
@@ -53,6 +59,25 @@ def print_paired(folder: Path) -> None:
                 f"{c['images_better']}/{c['num_images']} images",
                 flush=True,
             )
+    configs = list(by_config)
+    for i, first in enumerate(configs):  # the configurations against each other, same images
+        for second in configs[i + 1 :]:
+            a = {r["seed"]: r["test_per_image_bpd"] for r in by_config[first]}
+            b = {r["seed"]: r["test_per_image_bpd"] for r in by_config[second]}
+            seeds = sorted(set(a) & set(b))
+            groups = [[s] for s in seeds] + ([seeds] if len(seeds) > 1 else [])
+            for group in groups:
+                mean_a = [sum(v) / len(group) for v in zip(*(a[s] for s in group))]
+                mean_b = [sum(v) / len(group) for v in zip(*(b[s] for s in group))]
+                difference, se = paired_difference(mean_a, mean_b)
+                rows.append(
+                    {"first": first, "second": second, "seeds": group, "difference": difference, "se": se}
+                )
+                print(
+                    f"{first} − {second}, seeds {','.join(map(str, group))}: {difference:+.4f} ± {se:.4f} "
+                    f"bits/dim (z = {difference / se:.1f})",
+                    flush=True,
+                )
     (folder / "paired.json").write_text(json.dumps(rows, indent=1))
 
 

@@ -466,6 +466,10 @@ def test_experiment_validation_ema_weight_decay_and_paired_comparison():
     assert math.isclose(paired["diffusion_bpd"], result["test_bpd_continuous"], rel_tol=1e-9)
     assert math.isclose(paired["difference"], paired["mixture_bpd"] - paired["diffusion_bpd"], abs_tol=1e-9)
     assert paired["difference_se"] > 0 and 0 < paired["mc_se"] < result["test_bpd_continuous_se"]
+    from pyro_diffusion.vdm.experiment import paired_difference
+
+    difference, se = paired_difference([1.0, 2.0, 4.0], [0.0, 1.0, 2.0])
+    assert difference == pytest.approx(4 / 3) and se == pytest.approx(math.sqrt(1 / 3) / math.sqrt(3))
 
 
 def test_experiment_optimizer_settings_reach_the_right_parameters():

@@ -56,6 +56,7 @@ __all__ = [
     "split_validation",
     "paired_comparison",
     "optim_args",
+    "paired_difference",
 ]
 
 #: what ``quick`` changes (a smoke-sized run: seconds per configuration on a CPU)
@@ -424,6 +425,15 @@ def plot_results(results: Sequence[dict], out: str | Path) -> list[Path]:
     fig.savefig(paths[-1], dpi=120)
     plt.close(fig)
     return paths
+
+
+def paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[float, float]:
+    """Mean over images of ``first − second`` (per-image values on the same images) and its
+    standard error over images."""
+    difference = torch.as_tensor(first, dtype=torch.float64) - torch.as_tensor(second, dtype=torch.float64)
+    if difference.dim() != 1 or difference.numel() < 2:
+        raise ValueError("first, second: expected per-image values for the same >= 2 images")
+    return difference.mean().item(), (difference.std() / math.sqrt(difference.numel())).item()
 
 
 def paired_comparison(
