@@ -279,7 +279,8 @@ def write_table(results, path):
         lines += [
             f"The NUTS row of {name} was rerun alone by `{nuts_meta['command']}` "
             f"({nuts_meta['started']} to {nuts_meta['finished']}, {nuts_meta['machine']}); its energy distance "
-            "is against fresh draws of the exact conditional.",
+            "is against fresh draws of the exact conditional; the NUTS panel of its samples figure is "
+            "from the full run.",
             "",
         ]
     for name, scenario in results["scenarios"].items():
@@ -297,7 +298,7 @@ def write_table(results, path):
                     f"{row['chains']} {kind} chains × {row['draws']} draws ({row['warmup']} warm-up); "
                     f"R-hat max {row['max_rhat_all_sites']:.4f} over all sites ({row['max_rhat_x0']:.4f} on x_0); "
                     f"ESS min bulk {row['min_ess_bulk_all_sites']:.0f}, tail {row['min_ess_tail_all_sites']:.0f}; "
-                    f"{row['divergences']} divergences"
+                    f"{row['divergences']} divergence{'' if row['divergences'] == 1 else 's'}"
                 )
             elif "max_rhat_x0" in row:
                 notes.append(
