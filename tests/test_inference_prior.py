@@ -156,3 +156,21 @@ def test_prior_draws_match_the_exact_marginal_of_a_linear_chain():
     # variances: the standard error of a sample variance of a Gaussian is var·√(2/(n−1))
     var_se = cov.diagonal() * (2 / (n - 1)) ** 0.5
     assert ((draws.var(0) - cov.diagonal()).abs() < 4 * var_se).all()
+
+
+def test_chain_guide_draws_the_core_forward_chain():
+    """chain_guide (no plate, scoped names) samples the same posterior-order chain as the
+    core guide: with the same seed, every site has the same value."""
+    from pyro_diffusion.chains import site_name
+    from pyro_diffusion.inference import chain_guide
+
+    diffusion = linear_diffusion()
+    x0 = torch.randn(3, *diffusion.event_shape)
+    pyro.set_rng_seed(7)
+    core = poutine.trace(diffusion.guide).get_trace(x0)
+    pyro.set_rng_seed(7)
+    scoped = poutine.trace(chain_guide).get_trace(diffusion, x0, "a")
+    for t in range(1, diffusion.num_steps + 1):
+        torch.testing.assert_close(
+            scoped.nodes[site_name(t, "a/")]["value"], core.nodes[site_name(t)]["value"]
+        )

@@ -40,7 +40,7 @@ import torch
 from ..chains import site_name
 from ..decoders import decoder_distribution
 from ..diffusion import GaussianDiffusion
-from ..parameterization import predict_eps
+from ..parameterization import predict_eps, predict_x0_from_eps
 
 __all__ = ["DiffusionPrior", "frozen", "reverse_step", "reverse_step_and_x0", "predict_x0"]
 
@@ -89,9 +89,7 @@ def reverse_step_and_x0(
     loc, log_var, mean_output = diffusion.reverse_mean_log_variance(flat, steps)
     schedule = diffusion.schedule
     eps = predict_eps(schedule, diffusion.mean, flat, steps, mean_output)
-    x0 = (flat - schedule.at("sqrt_one_minus_alphas_cumprod", steps, flat) * eps) / schedule.at(
-        "sqrt_alphas_cumprod", steps, flat
-    )
+    x0 = predict_x0_from_eps(schedule, flat, steps, eps)
     shape = x_t.shape
     return loc.reshape(shape), log_var.expand_as(loc).reshape(shape), x0.reshape(shape)
 

@@ -41,7 +41,7 @@ from pyro.optim import ClippedAdam
 from torch.distributions import constraints, register_kl
 from tqdm.auto import tqdm
 
-from ..chains import site_name
+from ..chains import forward_marginal, forward_posterior, site_name
 from ..diffusion import GaussianDiffusion
 from .observations import LinearObservation, check_conditioning
 from .prior import DiffusionPrior
@@ -77,22 +77,17 @@ def chain_guide(diffusion: GaussianDiffusion, x0: torch.Tensor, name: str) -> to
     event_dims = diffusion.event_dims
     T = diffusion.num_steps
     flat0, steps = _steps_for(diffusion, x0, T)
-    loc = schedule.at("sqrt_alphas_cumprod", steps, flat0) * flat0
-    scale = schedule.at("sqrt_one_minus_alphas_cumprod", steps, flat0).expand_as(flat0)
+    q = forward_marginal(schedule, flat0, steps)
     x_t = pyro.sample(
         site_name(T, f"{name}/"),
-        dist.Normal(loc.reshape(x0.shape), scale.reshape(x0.shape)).to_event(event_dims),
+        dist.Normal(q.loc.reshape(x0.shape), q.scale.reshape(x0.shape)).to_event(event_dims),
     )
     for t in range(T, 1, -1):
         flat_t, steps = _steps_for(diffusion, x_t, t)
-        loc = (
-            schedule.at("posterior_mean_coef_x0", steps, flat_t) * flat0
-            + schedule.at("posterior_mean_coef_xt", steps, flat_t) * flat_t
-        )
-        scale = schedule.at("posterior_variance", steps, flat_t).sqrt().expand_as(flat_t)
+        q = forward_posterior(schedule, flat0, flat_t, steps)
         x_t = pyro.sample(
             site_name(t - 1, f"{name}/"),
-            dist.Normal(loc.reshape(x0.shape), scale.reshape(x0.shape)).to_event(event_dims),
+            dist.Normal(q.loc.reshape(x0.shape), q.scale.reshape(x0.shape)).to_event(event_dims),
         )
     return x_t
 
