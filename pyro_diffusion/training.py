@@ -54,6 +54,7 @@ from .data import Dataset, load_dataset
 from .diffusion import GaussianDiffusion
 from .losses import HybridLoss, SimplifiedLoss, StepSubsampledELBO
 from .nets import MLPDenoiser, UNetDenoiser
+from .optim import FusedAdam
 from .schedule import NoiseSchedule
 
 __all__ = [
@@ -389,9 +390,14 @@ def check_same_config(saved: dict, wanted: dict, where: str) -> None:
 def make_optim(config: TrainConfig) -> pyro.optim.PyroOptim:
     """Adam at ``config.lr``; with ``lr_final_fraction < 1``, Pyro's ``ClippedAdam`` whose
     learning rate decays geometrically to ``lr · lr_final_fraction`` at the last step (its
-    per-parameter gradient clipping set out of the way)."""
+    per-parameter gradient clipping set out of the way).
+
+    Plain Adam is :func:`~pyro_diffusion.optim.FusedAdam`: the same updates, to the bit, as
+    ``pyro.optim.Adam`` (one ``torch.optim.Adam`` over all parameters instead of one per
+    tensor, which is cheaper per step: ``docs/benchmarks.md``), with checkpoints in the same
+    per-parameter format, so runs started with either resume with either."""
     if config.lr_final_fraction == 1.0:
-        return pyro.optim.Adam({"lr": config.lr})
+        return FusedAdam({"lr": config.lr})
     decay = config.lr_final_fraction ** (1.0 / config.steps)
     return pyro.optim.ClippedAdam({"lr": config.lr, "lrd": decay, "clip_norm": 1e30})
 

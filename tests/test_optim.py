@@ -291,3 +291,27 @@ def test_training_checkpoints_resume_with_fused_adam(tmp_path, monkeypatch):
         assert torch.equal(a["model"][name], b["model"][name]), name
     lrs = [s["param_groups"][0]["lr"] for s in b["optim"].values()]
     assert lrs and all(lr == pytest.approx(config.lr * 0.5) for lr in lrs)  # decayed over all 12 steps
+
+
+def test_training_uses_fused_adam_with_pyro_adams_updates(tmp_path, monkeypatch):
+    # training.make_optim's plain-Adam path is FusedAdam: the same run as with pyro.optim.Adam,
+    # to the bit, and a checkpoint written by either resumes with the other
+    from pyro_diffusion import training
+
+    config = training.TrainConfig(
+        data="moons", objective="elbo", steps=12, batch_size=16, num_steps=10, hidden=16, depth=1,
+        num_train=64, num_test=16, checkpoint_every=5, progress=False,
+    )  # fmt: skip
+    assert isinstance(training.make_optim(config), FusedOptim)
+    fused = training.train(config, tmp_path / "fused", figures=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "make_optim", lambda c: pyro.optim.Adam({"lr": c.lr}))
+        reference = training.train(config, tmp_path / "pyro", figures=False)
+        training.train(config, tmp_path / "mixed", stop_after=7, figures=False)  # pyro.optim.Adam
+    mixed = training.train(config, tmp_path / "mixed", resume=True, figures=False)  # FusedAdam
+    assert fused["loss_history"] == reference["loss_history"] == mixed["loss_history"]
+    load = lambda run: torch.load(run / training.CHECKPOINT, weights_only=False)  # noqa: E731
+    a, b, c = load(tmp_path / "fused"), load(tmp_path / "pyro"), load(tmp_path / "mixed")
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+        assert torch.equal(a["model"][name], c["model"][name]), name
