@@ -485,3 +485,51 @@ def test_experiment_optimizer_settings_reach_the_right_parameters():
     moved = train_and_evaluate("learned", **run)
     assert (frozen["gamma_min"], frozen["gamma_max"]) == pytest.approx((-3.0, 4.0), abs=1e-6)
     assert abs(moved["gamma_min"] + 3.0) > 1e-4
+
+
+def test_anchored_denoiser_sees_gamma_from_the_schedules_own_gamma_min():
+    """``anchor=a``: the denoiser's input is γ − γ(0) + a, so (i) with a fixed schedule whose
+    γ(0) = a nothing changes, (ii) with a learned schedule the input at t = 0 is exactly a
+    wherever γ_min has moved, and the bound stays invariant to the shape (the input is a
+    function of γ given the endpoints)."""
+    torch.manual_seed(11)
+    seen = []
+
+    class Recorder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = NoiseLevelDenoiser(MLPDenoiser(2, hidden=16, depth=1), gamma_range=(-8.0, 8.0))
+
+        def forward(self, z, level):
+            seen.append(level.detach().clone())
+            return self.net(z, level)
+
+    x = (torch.rand(64, 2) * 2 - 1) * 0.8
+    denoiser = Recorder()
+    plain = ContinuousDiffusion(denoiser, LinearGamma(-4.0, 2.0), (2,))
+    anchored = ContinuousDiffusion(denoiser, LinearGamma(-4.0, 2.0), (2,), anchor=-4.0)
+    t = torch.rand(64, dtype=torch.float64)
+    torch.manual_seed(0)
+    a = plain.loss_terms(x, t).total
+    torch.manual_seed(0)
+    b = anchored.loss_terms(x, t).total
+    assert torch.allclose(a, b)
+    learned = LearnedGamma(-4.0, 2.0, hidden=8)
+    with torch.no_grad():
+        learned.gamma_min.fill_(-3.5)
+    vdm = ContinuousDiffusion(denoiser, learned, (2,), anchor=-4.0, decoder="denoiser")
+    seen.clear()
+    vdm.decoder_term(x)
+    assert torch.allclose(seen[-1], torch.full((64,), -4.0))
+    terms = vdm.loss_terms(x, t)
+    terms.total.sum().backward()
+    assert learned.gamma_min.grad is not None and learned.gamma_max.grad is not None
+    with pytest.raises(ValueError, match="anchor"):
+        ContinuousDiffusion(denoiser, learned, (2,), anchor=float("nan"))
+    from pyro_diffusion.vdm.experiment import CONFIGS, train_and_evaluate
+
+    assert "learned-anchored" in CONFIGS
+    result = train_and_evaluate(
+        "learned-anchored", steps=3, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0)
+    )
+    assert result["config"] == "learned-anchored" and math.isfinite(result["test_bpd_continuous"])

@@ -164,6 +164,14 @@ class ContinuousDiffusion(nn.Module):
             σ_0/α_0 · exp(s), s a learned scalar (starts at 0).
         num_steps: default T of the Pyro :meth:`model`/:meth:`guide` pair.
         name: the name in Pyro's param store; prefix of the plate name.
+        anchor: ``None`` (default): the denoiser sees γ.  A float a: the denoiser sees
+            ``γ − γ(0) + a``, the noise level measured from the schedule's own γ_min (so for a
+            fixed schedule with γ(0) = a nothing changes).  With a learned γ_min, the network's
+            input at the data end is then always a, wherever γ_min has moved: the network,
+            which is sharp in its noise-level input just there (the denoiser decoder queries
+            it at exactly γ(0) for every datum) and was never trained below it, does not have
+            to follow γ_min, and an average of its weights over training (EMA) stays
+            consistent with the averaged γ_min.  See docs/learned_schedules.md §5.
 
     Example::
 
@@ -183,8 +191,14 @@ class ContinuousDiffusion(nn.Module):
         decoder: str = "plain",
         num_steps: int = 100,
         name: str = "vdm",
+        anchor: float | None = None,
     ) -> None:
         super().__init__()
+        if anchor is not None and (
+            isinstance(anchor, bool) or not isinstance(anchor, (int, float)) or not math.isfinite(anchor)
+        ):
+            raise ValueError(f"anchor: expected None or a finite float, got {anchor!r}")
+        self.anchor = None if anchor is None else float(anchor)
         if not isinstance(denoiser, nn.Module):
             raise TypeError(f"denoiser: expected an nn.Module, got {type(denoiser).__name__}")
         if not isinstance(schedule, GammaSchedule):
@@ -227,9 +241,16 @@ class ContinuousDiffusion(nn.Module):
         register_module(self.name, self)
 
     # ------------------------------------------------------------------ pieces
+    def denoiser_level(self, gamma: torch.Tensor) -> torch.Tensor:
+        """The noise level the denoiser sees: γ, or γ − γ(0) + anchor (``anchor``)."""
+        if self.anchor is None:
+            return gamma
+        gamma0, _ = self.schedule.endpoints()
+        return gamma - gamma0.to(gamma.dtype) + self.anchor
+
     def predict_eps(self, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        """ε̂_θ(z, γ), checked to have z's shape."""
-        eps = self.denoiser(z, gamma.to(z.dtype))
+        """ε̂_θ(z, γ), checked to have z's shape (the denoiser sees :meth:`denoiser_level`)."""
+        eps = self.denoiser(z, self.denoiser_level(gamma).to(z.dtype))
         if eps.shape != z.shape:
             raise ValueError(f"denoiser: returned shape {tuple(eps.shape)}, expected {tuple(z.shape)}")
         return eps

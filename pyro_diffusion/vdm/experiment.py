@@ -12,6 +12,10 @@ Configurations (:data:`CONFIGS`):
 
 * ``learned``: :class:`~pyro_diffusion.vdm.LearnedGamma` with the continuous-time ELBO,
   low-discrepancy times and the variance gradient for the shape;
+* ``learned-anchored``: ``learned`` with the denoiser conditioned on γ − γ_min + (the initial
+  γ_min) (``ContinuousDiffusion(anchor=…)``), so that the network's input at the data end
+  does not move with the learned γ_min (docs/learned_schedules.md §5: without it an EMA of
+  the weights breaks once γ_min moves);
 * ``learned-T16``: the same schedule trained on the T = 16 bound;
 * ``ddpm-linear``, ``cosine``: the core's T = 1000 schedules as functions of time
   (:meth:`~pyro_diffusion.vdm.TabulatedGamma.from_noise_schedule`), continuous-time ELBO;
@@ -62,7 +66,16 @@ __all__ = [
 #: what ``quick`` changes (a smoke-sized run: seconds per configuration on a CPU)
 QUICK = {"steps": 150, "eval_times": 8, "eval_steps": (16,)}
 
-CONFIGS = ("learned", "learned-T16", "ddpm-linear", "cosine", "vdm-linear", "tuned", "simple")
+CONFIGS = (
+    "learned",
+    "learned-anchored",
+    "learned-T16",
+    "ddpm-linear",
+    "cosine",
+    "vdm-linear",
+    "tuned",
+    "simple",
+)
 
 
 def _linear_endpoints(config: str) -> tuple[float, float]:
@@ -246,7 +259,12 @@ def train_and_evaluate(
     network = MLPDenoiser(dim, hidden=hidden, depth=depth)
     denoiser = NoiseLevelDenoiser(network, gamma_range=(-15.0, 15.0), flatten=True)
     vdm = ContinuousDiffusion(
-        denoiser, make_schedule(config, tuned), event_shape, num_levels=dataset.num_levels, decoder=decoder
+        denoiser,
+        make_schedule(config, tuned),
+        event_shape,
+        num_levels=dataset.num_levels,
+        decoder=decoder,
+        anchor=tuned[0] if config == "learned-anchored" else None,
     )
 
     svi = SVI(vdm.model, vdm.guide, ClippedAdam(optim_args(lr, schedule_lr, weight_decay)), make_loss(config))
