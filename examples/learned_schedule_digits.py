@@ -14,7 +14,10 @@ Regularized recipe (off by default): ``--val-size 200 --eval-every 250`` holds o
 training images and keeps the checkpoint with the best validation bound; ``--ema 0.999``
 evaluates an EMA of the weights; ``--weight-decay`` penalizes the denoiser's weights.
 
-Configurations: learned, learned-T16, ddpm-linear, cosine, vdm-linear, tuned, simple (see the
+``--diagnose`` logs what the validation bound is made of for the raw and the EMA weights
+(``docs/learned_schedules.md`` §5).
+
+Configurations: learned, learned-anchored, learned-T16, ddpm-linear, cosine, vdm-linear, tuned, simple (see the
 module docstring of pyro_diffusion.vdm.experiment).
 """
 
@@ -81,6 +84,155 @@ def print_paired(folder: Path) -> None:
     (folder / "paired.json").write_text(json.dumps(rows, indent=1))
 
 
+def diagnose(config: str, args) -> dict:
+    """One training run of ``config`` with the regularized recipe's flags, logging what the
+    validation bound is made of (docs/learned_schedules.md §5, "Why the learned schedule broke
+    under the EMA").  Every ``--eval-every`` steps, for the raw and the EMA weights: the
+    validation bound's diffusion, decoder and prior terms (bits/dim), the EMA's bound on 200
+    training images and with a linear shape at the same endpoints (the same expectation), the
+    endpoints and γ'(t) at t = 0, 0.1, …, 1.  At the end: ½‖ε − ε̂‖² and the decoder term at γ
+    around γ_min (raw and EMA weights), and the validation bound with the EMA taken for every
+    parameter but one group, and for one group only."""
+    import math
+    import time
+
+    import pyro
+    from pyro.infer import SVI
+    from pyro.optim import ClippedAdam
+
+    from pyro_diffusion.data import load_dataset
+    from pyro_diffusion.nets import MLPDenoiser
+    from pyro_diffusion.vdm import ContinuousDiffusion, LinearGamma, NoiseLevelDenoiser
+    from pyro_diffusion.vdm import experiment as ex
+
+    dataset = load_dataset("digits")
+    torch.manual_seed(args.seed)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    train, val = ex.split_validation(dataset.train, args.val_size or 200)
+    train_part = train[:200]
+    denoiser = NoiseLevelDenoiser(MLPDenoiser(64, hidden=args.hidden, depth=args.depth), flatten=True)
+    vdm = ContinuousDiffusion(
+        denoiser,
+        ex.make_schedule(config, tuple(args.tuned)),
+        tuple(train.shape[1:]),
+        num_levels=dataset.num_levels,
+        decoder=args.decoder,
+        anchor=args.tuned[0] if config == "learned-anchored" else None,
+    )
+    optim = ClippedAdam(ex.optim_args(args.lr, args.schedule_lr, args.weight_decay))
+    svi = SVI(vdm.model, vdm.guide, optim, ex.make_loss(config))
+    generator = torch.Generator().manual_seed(args.seed)
+    bits = 1 / (64 * math.log(2))
+    average, rows = None, []
+
+    @torch.no_grad()
+    def terms(data, draws=16):
+        with torch.random.fork_rng():
+            torch.manual_seed(2024)
+            x = data.repeat((draws,) + (1,) * (data.dim() - 1))
+            t = vdm.loss_terms(x, torch.rand(x.shape[0], dtype=torch.float64))
+            parts = [
+                t.diffusion.mean().item() * bits,
+                t.decoder.mean().item() * bits,
+                t.prior.mean().item() * bits,
+            ]
+            return {"bound": sum(parts), "diffusion": parts[0], "decoder": parts[1], "prior": parts[2]}
+
+    @torch.no_grad()
+    def near_gamma_min(data, deltas):
+        gamma0 = vdm.schedule.endpoints()[0].item()
+        error, decoder = [], []
+        with torch.random.fork_rng():
+            torch.manual_seed(7)
+            for delta in deltas:
+                x = data.repeat(4, *(1,) * (data.dim() - 1))
+                gamma = torch.full((x.shape[0],), gamma0 + delta, dtype=torch.float64)
+                z, eps = vdm.diffuse(x, gamma)
+                error.append(
+                    0.5 * ((eps - vdm.predict_eps(z, gamma)) ** 2).sum((1, 2, 3)).mean().item() * bits
+                )
+                nll = -vdm.decoder_distribution(z, gamma).log_prob(x).sum((1, 2, 3)).mean().item() * bits
+                decoder.append(nll)
+        return {"gamma_min": gamma0, "deltas": deltas, "eps_error": error, "decoder": decoder}
+
+    every = args.eval_every or 250
+    start = time.time()
+    for step in range(args.steps):
+        rows_ = torch.randint(0, train.shape[0], (args.batch,), generator=generator)
+        loss = svi.step(train[rows_]) / args.batch * bits
+        if average is None:
+            average = ex._WeightAverage(vdm, args.ema or 0.999)
+        else:
+            average.update()
+        if (step + 1) % every and step != args.steps - 1:
+            continue
+        raw = ex._snapshot(vdm)
+        row = {"step": step + 1, "train_loss": loss, "raw_val": terms(val)}
+        average.copy_to(vdm)
+        row["ema_val"], row["ema_train"] = terms(val), terms(train_part)
+        low, high = (g.item() for g in vdm.schedule.endpoints())
+        with torch.no_grad():
+            row["ema_dgamma"] = vdm.schedule(
+                torch.linspace(0, 1, 11, dtype=torch.float64)
+            ).derivative.tolist()
+        schedule, vdm.schedule = vdm.schedule, LinearGamma(low, high)
+        row["ema_val_linear_shape"] = terms(val)
+        vdm.schedule = schedule
+        row["ema_endpoints"] = [low, high]
+        ex._restore(vdm, raw)
+        row["raw_endpoints"] = [g.item() for g in vdm.schedule.endpoints()]
+        rows.append(row)
+        print(
+            f"{config} step {step + 1}: train loss {loss:.3f}; validation raw {row['raw_val']['bound']:.3f}, "
+            f"EMA {row['ema_val']['bound']:.3f} (diffusion {row['ema_val']['diffusion']:.3f}, decoder "
+            f"{row['ema_val']['decoder']:.3f}, prior {row['ema_val']['prior']:.4f}); EMA on training images "
+            f"{row['ema_train']['bound']:.3f}; EMA with a linear shape {row['ema_val_linear_shape']['bound']:.3f}; "
+            f"γ raw [{row['raw_endpoints'][0]:.3f}, {row['raw_endpoints'][1]:.3f}], EMA [{low:.3f}, {high:.3f}]; "
+            f"EMA γ'(t) {[round(d, 1) for d in row['ema_dgamma']]}",
+            flush=True,
+        )
+    deltas = [-0.3, -0.1, -0.05, -0.02, -0.01, 0.0, 0.01, 0.02, 0.05, 0.1, 0.3]
+    raw = ex._snapshot(vdm)
+    result = {"config": config, "seed": args.seed, "rows": rows, "train_seconds": time.time() - start}
+    result["near_gamma_min_raw"] = near_gamma_min(val, deltas)
+    average.copy_to(vdm)
+    result["near_gamma_min_ema"] = near_gamma_min(val, deltas)
+    ex._restore(vdm, raw)
+    groups: dict[str, list[str]] = {}
+    for name, _ in vdm.named_parameters():
+        parts = name.split(".")
+        key = ".".join(parts[:4]) if parts[0] == "denoiser" else ".".join(parts[:2])
+        groups.setdefault(key, []).append(name)
+
+    def bound_with(ema_names):
+        with torch.no_grad():
+            for name, param in vdm.named_parameters():
+                if name in ema_names:
+                    param.copy_(average.shadow[name])
+        value = terms(val)["bound"]
+        ex._restore(vdm, raw)
+        return value
+
+    every_name = {n for names in groups.values() for n in names}
+    result["swap"] = {
+        key: {"ema_all_but": bound_with(every_name - set(names)), "ema_only": bound_with(set(names))}
+        for key, names in groups.items()
+    }
+    result["swap_raw"], result["swap_ema"] = bound_with(set()), bound_with(every_name)
+    for label in ("raw", "ema"):
+        probe = result[f"near_gamma_min_{label}"]
+        print(f"{label} weights, γ_min = {probe['gamma_min']:.4f}; γ − γ_min: {deltas}")
+        print("  ½‖ε − ε̂‖² (bits/dim):", [round(v, 3) for v in probe["eps_error"]])
+        print("  decoder term (bits/dim):", [round(v, 3) for v in probe["decoder"]])
+    print(f"validation: raw {result['swap_raw']:.3f}, EMA {result['swap_ema']:.3f}")
+    for key, value in result["swap"].items():
+        print(
+            f"  EMA for all but {key:38s} {value['ema_all_but']:.3f}; EMA for {key} only {value['ema_only']:.3f}"
+        )
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,6 +264,11 @@ def main(argv=None) -> None:
     parser.add_argument("--val-times", type=int, default=16, help="(t, ε) draws per validation image")
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: none)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on the denoiser")
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="log the validation bound's terms for raw and EMA weights (one config, one seed)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.summarize:
@@ -122,6 +279,11 @@ def main(argv=None) -> None:
         return
     configs = CONFIGS if args.config == "all" else args.config.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.diagnose:
+        for config in configs:
+            result = diagnose(config, args)
+            (args.out / f"diagnose-{config}-seed{args.seed}.json").write_text(json.dumps(result, indent=1))
+        return
     for config in configs:
         result = train_and_evaluate(
             config,
