@@ -533,3 +533,19 @@ def test_anchored_denoiser_sees_gamma_from_the_schedules_own_gamma_min():
         "learned-anchored", steps=3, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0)
     )
     assert result["config"] == "learned-anchored" and math.isfinite(result["test_bpd_continuous"])
+
+
+def test_learned_shape_config_freezes_the_endpoints_and_trains_the_shape():
+    from pyro_diffusion.vdm.experiment import CONFIGS, optim_args, train_and_evaluate
+
+    assert "learned-shape" in CONFIGS
+    frozen = optim_args(2e-3, None, 1.0, freeze_endpoints=True)
+    assert frozen("vdm.schedule.gamma_min")["lr"] == 0.0 and frozen("vdm.schedule.gamma_max")["lr"] == 0.0
+    assert frozen("vdm.schedule.raw_out_weight")["lr"] == 2e-3
+    assert frozen("vdm.denoiser.network.input.weight") == {"lr": 2e-3, "clip_norm": 10.0, "weight_decay": 1.0}
+    run = dict(steps=5, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0))
+    result = train_and_evaluate("learned-shape", **run)
+    assert (result["gamma_min"], result["gamma_max"]) == pytest.approx((-3.0, 4.0), abs=1e-9)
+    still = train_and_evaluate("learned-shape", schedule_lr=0.0, **run)  # the shape does not move
+    moved = torch.tensor(result["gamma_curve"]) - torch.tensor(still["gamma_curve"])
+    assert moved.abs().max() > 1e-4

@@ -16,6 +16,9 @@ Configurations (:data:`CONFIGS`):
   γ_min) (``ContinuousDiffusion(anchor=…)``), so that the network's input at the data end
   does not move with the learned γ_min (docs/learned_schedules.md §5: without it an EMA of
   the weights breaks once γ_min moves);
+* ``learned-shape``: ``learned`` with the endpoints frozen at ``tuned`` (learning rate 0);
+  only the shape is trained (variance gradient), so it differs from ``linear:GMIN:GMAX`` at
+  the same endpoints only in the shape, i.e. in the estimator's variance during training;
 * ``learned-T16``: the same schedule trained on the T = 16 bound;
 * ``ddpm-linear``, ``cosine``: the core's T = 1000 schedules as functions of time
   (:meth:`~pyro_diffusion.vdm.TabulatedGamma.from_noise_schedule`), continuous-time ELBO;
@@ -69,6 +72,7 @@ QUICK = {"steps": 150, "eval_times": 8, "eval_steps": (16,)}
 CONFIGS = (
     "learned",
     "learned-anchored",
+    "learned-shape",
     "learned-T16",
     "ddpm-linear",
     "cosine",
@@ -175,11 +179,14 @@ def _validation_bpd(vdm: ContinuousDiffusion, val: torch.Tensor, num_times: int)
         return vdm.nll(val, num_times=num_times).dataset_mean()[0]
 
 
-def optim_args(lr: float, schedule_lr: float | None = None, weight_decay: float = 0.0):
+def optim_args(
+    lr: float, schedule_lr: float | None = None, weight_decay: float = 0.0, freeze_endpoints: bool = False
+):
     """Per-parameter ``ClippedAdam`` settings, called by Pyro with the parameter's name as
     ``nn.Module.named_parameters()`` gives it under the param store name (``vdm.schedule.…``,
     ``vdm.denoiser.…``): learning rate ``schedule_lr`` (``None``: ``lr``) for the schedule,
-    ``lr`` for the rest, L2 ``weight_decay`` on the denoiser only, gradient clip norm 10.
+    ``lr`` for the rest, L2 ``weight_decay`` on the denoiser only, gradient clip norm 10;
+    ``freeze_endpoints``: learning rate 0 for the schedule's ``gamma_min`` and ``gamma_max``.
 
     (Before 2026-11-25 this was a two-argument function, which Pyro calls with the module
     name and the parameter name separately; its test on the name never matched, so every
@@ -191,6 +198,8 @@ def optim_args(lr: float, schedule_lr: float | None = None, weight_decay: float 
         schedule = len(parts) > 1 and parts[1] == "schedule"
         decay = weight_decay if len(parts) > 1 and parts[1] == "denoiser" else 0.0
         rate = schedule_lr if schedule and schedule_lr is not None else lr
+        if freeze_endpoints and schedule and parts[-1] in ("gamma_min", "gamma_max"):
+            rate = 0.0
         return {"lr": rate, "clip_norm": 10.0, "weight_decay": decay}
 
     return per_param
@@ -267,7 +276,8 @@ def train_and_evaluate(
         anchor=tuned[0] if config == "learned-anchored" else None,
     )
 
-    svi = SVI(vdm.model, vdm.guide, ClippedAdam(optim_args(lr, schedule_lr, weight_decay)), make_loss(config))
+    settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=config == "learned-shape")
+    svi = SVI(vdm.model, vdm.guide, ClippedAdam(settings), make_loss(config))
     generator = torch.Generator().manual_seed(seed)
     nats_to_bits = 1 / (dim * math.log(2))
     history, val_history = [], []
