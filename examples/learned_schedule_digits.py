@@ -233,6 +233,55 @@ def diagnose(config: str, args) -> dict:
     return result
 
 
+def plot_diagnosis(folder: Path, out: Path) -> Path:
+    """The figure of ``--diagnose`` runs in ``folder``: validation bound over training for the
+    raw and the EMA weights (left), and ½‖ε − ε̂‖² on the validation images at γ around γ_min
+    for the raw and EMA weights at the end (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob("diagnose-*.json"))]
+    if not runs:
+        raise SystemExit(f"--plot-diagnosis: no diagnose-*.json in {folder}")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for run, color in zip(runs, ("C0", "C1", "C2", "C3")):
+        steps = [row["step"] for row in run["rows"]]
+        label = f"{run['config']} (seed {run['seed']})"
+        axes[0].plot(
+            steps,
+            [row["raw_val"]["bound"] for row in run["rows"]],
+            color=color,
+            ls="--",
+            label=f"{label}, raw",
+        )
+        axes[0].plot(
+            steps, [row["ema_val"]["bound"] for row in run["rows"]], color=color, label=f"{label}, EMA"
+        )
+        for kind, ls in (("raw", "--"), ("ema", "-")):
+            probe = run[f"near_gamma_min_{kind}"]
+            axes[1].plot(
+                probe["deltas"], probe["eps_error"], color=color, ls=ls, marker=".", label=f"{label}, {kind}"
+            )
+    axes[0].set(
+        xlabel="SVI step", ylabel="validation bound (bits/dim)", yscale="log", title="validation bound"
+    )
+    axes[1].set(
+        xlabel="γ − γ_min (that run's own γ_min)",
+        ylabel="½‖ε − ε̂‖² (bits/dim)",
+        yscale="log",
+        title="the network near γ_min, end of training",
+    )
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -269,6 +318,12 @@ def main(argv=None) -> None:
         action="store_true",
         help="log the validation bound's terms for raw and EMA weights (one config, one seed)",
     )
+    parser.add_argument(
+        "--plot-diagnosis", type=Path, metavar="DIR", help="only plot the --diagnose runs in DIR to --figure"
+    )
+    parser.add_argument(
+        "--figure", type=Path, default=Path("docs/figures/learned_schedule_ema_diagnosis.png")
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.summarize:
@@ -276,6 +331,9 @@ def main(argv=None) -> None:
         return
     if args.paired:
         print_paired(args.paired)
+        return
+    if args.plot_diagnosis:
+        print(plot_diagnosis(args.plot_diagnosis, args.figure))
         return
     configs = CONFIGS if args.config == "all" else args.config.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
