@@ -1,21 +1,24 @@
 """Conditioning the 2-D mixture model on a linear observation, validated against the truth.
 
-For each scenario (inpainting: observe the first coordinate; denoising: observe both with
-noise) this draws from the exact data conditional p(x_0 | y) (closed form, a Gaussian
-mixture), and from every method of ``pyro_diffusion.inference`` run on the trained model:
-twisted SMC, NUTS over the whole chain, SVI with the forward chain as guide, replacement and
-DPS.  It reports the energy distance of each method's samples to the exact conditional (with
-a standard error), its cost, NUTS's R-hat, and the model's own unconditional error, and
-writes the table to ``docs/prior_validation.md`` and figures to ``docs/figures/``.
+For each scenario (inpainting: observe the first coordinate, at x_1 = 1 and in the tail at
+x_1 = 2; denoising: observe both with noise) this draws from the exact data conditional
+p(x_0 | y) (closed form, a Gaussian mixture), and from every method of
+``pyro_diffusion.inference`` run on the trained model: twisted SMC, NUTS over the whole
+chain, SVI with the forward chain as guide, replacement and DPS.  It reports the energy
+distance of each method's samples to the exact conditional (with a standard error), its
+cost, NUTS's R-hat, and the model's own unconditional error, and writes the table to
+``docs/prior_validation.md`` and figures to ``docs/figures/``.
 
-    python examples/inpainting_2d.py            # the docs' table (about 30 min on a busy 2-core CPU)
+    python examples/inpainting_2d.py --nuts-draws 40 --nuts-warmup 40   # every row (NUTS short)
+    python examples/inpainting_2d.py --scan     # the scan of inpainting observations (cheap methods)
+    python examples/inpainting_2d.py --nuts-only --scenarios denoising --nuts-draws 1000 --nuts-warmup 300
+        # rerun only NUTS (independent chains) and update its row in the docs' table
     python examples/inpainting_2d.py --quick    # a smoke run with tiny sizes (no docs written)
-    python examples/inpainting_2d.py --nuts-only --nuts-draws 250 --nuts-warmup 150
-        # rerun only NUTS (independent chains) and update its rows in the docs' table
 
 NUTS runs ``--nuts-chains`` independent chains one after another (chain c seeded with
 seed + c), so that R-hat compares independent Markov chains; ``--nuts-vectorize`` runs them
 as copies in one plate instead (cheaper, but the copies share step size and mass matrix).
+Its potential is JIT-compiled unless ``--no-nuts-jit`` (same draws, about half the time).
 """
 
 import argparse
