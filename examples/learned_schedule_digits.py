@@ -17,7 +17,7 @@ evaluates an EMA of the weights; ``--weight-decay`` penalizes the denoiser's wei
 ``--diagnose`` logs what the validation bound is made of for the raw and the EMA weights
 (``docs/learned_schedules.md`` §5).
 
-Configurations: learned, learned-anchored, learned-shape, learned-T16, ddpm-linear, cosine, vdm-linear, tuned, simple (see the
+Configurations: learned, learned-anchored, learned-shape, learned-heldout, learned-T16, ddpm-linear, cosine, vdm-linear, tuned, simple (see the
 module docstring of pyro_diffusion.vdm.experiment).
 """
 

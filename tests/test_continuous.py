@@ -549,3 +549,46 @@ def test_learned_shape_config_freezes_the_endpoints_and_trains_the_shape():
     still = train_and_evaluate("learned-shape", schedule_lr=0.0, **run)  # the shape does not move
     moved = torch.tensor(result["gamma_curve"]) - torch.tensor(still["gamma_curve"])
     assert moved.abs().max() > 1e-4
+
+
+def test_learned_heldout_trains_only_the_endpoints_on_the_held_out_images():
+    from pyro_diffusion.vdm.experiment import CONFIGS, _heldout_endpoint_step, train_and_evaluate
+
+    assert "learned-heldout" in CONFIGS
+    with pytest.raises(ValueError, match="val_size"):
+        train_and_evaluate("learned-heldout", steps=2, hidden=8, depth=1, eval_times=2, eval_steps=())
+    # one held-out step: the endpoints take one Adam step down the gradient of the bound on a
+    # batch of the held-out images (the first Adam step is lr · sign(gradient)); nothing else moves
+    pyro.clear_param_store()
+    denoiser = NoiseLevelDenoiser(MLPDenoiser(2, hidden=16, depth=1), gamma_range=(-8.0, 8.0))
+    vdm = ContinuousDiffusion(denoiser, LearnedGamma(-4.0, 2.0, hidden=8), (2,), anchor=-4.0)
+    loss = ContinuousTimeELBO()
+    val = (torch.rand(32, 2) * 2 - 1) * 0.8
+    before = {n: p.detach().clone() for n, p in vdm.named_parameters()}
+    rows = torch.randint(0, 32, (16,), generator=torch.Generator().manual_seed(10_000 + 7))
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        held = loss.differentiable_loss(vdm.model, vdm.guide, val[rows]) / 16
+        expected = torch.autograd.grad(held, [vdm.schedule.gamma_min, vdm.schedule.gamma_max])
+    step = _heldout_endpoint_step(vdm, loss, val, 16, 0.01, seed=7)
+    torch.manual_seed(3)
+    step()
+    for name, param in vdm.named_parameters():
+        moved = (param.detach() - before[name]).abs().max().item()
+        if name.endswith(("gamma_min", "gamma_max")):
+            grad = expected[0] if name.endswith("gamma_min") else expected[1]
+            assert param.detach() - before[name] == pytest.approx(-0.01 * grad.sign().item(), rel=1e-3)
+            assert param.grad is None  # left clean for SVI's next step
+        else:
+            assert moved == 0.0, name
+    result = train_and_evaluate(
+        "learned-heldout",
+        steps=3,
+        hidden=8,
+        depth=1,
+        eval_times=2,
+        eval_steps=(),
+        val_size=100,
+        tuned=(-3.0, 4.0),
+    )
+    assert result["config"] == "learned-heldout" and (result["gamma_min"], result["gamma_max"]) != (-3.0, 4.0)

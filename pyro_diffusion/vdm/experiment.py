@@ -19,6 +19,10 @@ Configurations (:data:`CONFIGS`):
 * ``learned-shape``: ``learned`` with the endpoints frozen at ``tuned`` (learning rate 0);
   only the shape is trained (variance gradient), so it differs from ``linear:GMIN:GMAX`` at
   the same endpoints only in the shape, i.e. in the estimator's variance during training;
+* ``learned-heldout``: ``learned-anchored`` whose endpoints are trained on the bound of the
+  *validation* images (one Adam step on a held-out batch after each SVI step; needs
+  ``val_size``), the shape and the denoiser on the training images: a fully learned schedule
+  whose two endpoint numbers are fitted where the bound generalizes;
 * ``learned-T16``: the same schedule trained on the T = 16 bound;
 * ``ddpm-linear``, ``cosine``: the core's T = 1000 schedules as functions of time
   (:meth:`~pyro_diffusion.vdm.TabulatedGamma.from_noise_schedule`), continuous-time ELBO;
@@ -73,6 +77,7 @@ CONFIGS = (
     "learned",
     "learned-anchored",
     "learned-shape",
+    "learned-heldout",
     "learned-T16",
     "ddpm-linear",
     "cosine",
@@ -205,6 +210,30 @@ def optim_args(
     return per_param
 
 
+def _heldout_endpoint_step(vdm, loss_fn, val: torch.Tensor, batch: int, lr: float, seed: int):
+    """For ``learned-heldout``: a function that takes one Adam step of the schedule's
+    endpoints γ_min, γ_max on the bound of a batch of *held-out* images (``val``), touching no
+    other parameter.  The endpoints are two numbers that the training bound pulls towards
+    values that suit the training images (docs/learned_schedules.md §5); trained on held-out
+    images they go where the bound generalizes, as a hyperparameter fitted by gradient would.
+    The shape and the denoiser train on the training images as in ``learned-anchored``."""
+    endpoints = [vdm.schedule.gamma_min, vdm.schedule.gamma_max]
+    optimizer = torch.optim.Adam(endpoints, lr=lr)
+    rows_generator = torch.Generator().manual_seed(10_000 + seed)  # the training batches are unchanged
+
+    def step() -> None:
+        rows = torch.randint(0, val.shape[0], (batch,), generator=rows_generator)
+        held = loss_fn.differentiable_loss(vdm.model, vdm.guide, val[rows]) / batch
+        grads = torch.autograd.grad(held, endpoints)
+        for param, grad in zip(endpoints, grads):
+            param.grad = grad
+        optimizer.step()
+        for param in endpoints:
+            param.grad = None
+
+    return step
+
+
 def train_and_evaluate(
     config: str,
     *,
@@ -273,12 +302,21 @@ def train_and_evaluate(
         event_shape,
         num_levels=dataset.num_levels,
         decoder=decoder,
-        anchor=tuned[0] if config == "learned-anchored" else None,
+        anchor=tuned[0] if config in ("learned-anchored", "learned-heldout") else None,
     )
 
-    settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=config == "learned-shape")
-    svi = SVI(vdm.model, vdm.guide, ClippedAdam(settings), make_loss(config))
+    freeze = config in ("learned-shape", "learned-heldout")
+    settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=freeze)
+    loss_fn = make_loss(config)
+    svi = SVI(vdm.model, vdm.guide, ClippedAdam(settings), loss_fn)
     generator = torch.Generator().manual_seed(seed)
+    heldout_step = None
+    if config == "learned-heldout":
+        if val is None:
+            raise ValueError(
+                "learned-heldout: trains the endpoints on the validation split; give val_size > 0"
+            )
+        heldout_step = _heldout_endpoint_step(vdm, loss_fn, val, batch, schedule_lr or lr, seed)
     nats_to_bits = 1 / (dim * math.log(2))
     history, val_history = [], []
     average = best = None
@@ -303,6 +341,8 @@ def train_and_evaluate(
     for step in bar:
         rows = torch.randint(0, train.shape[0], (batch,), generator=generator)
         loss = svi.step(train[rows]) / batch * nats_to_bits
+        if heldout_step is not None:
+            heldout_step()
         if ema:
             if average is None:  # the parameters exist once the first step has run
                 average = _WeightAverage(vdm, ema)
