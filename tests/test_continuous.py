@@ -592,3 +592,8 @@ def test_learned_heldout_trains_only_the_endpoints_on_the_held_out_images():
         tuned=(-3.0, 4.0),
     )
     assert result["config"] == "learned-heldout" and (result["gamma_min"], result["gamma_max"]) != (-3.0, 4.0)
+    still = train_and_evaluate(  # schedule_lr = 0: the held-out steps do not move the endpoints
+        "learned-heldout", steps=3, hidden=8, depth=1, eval_times=2, eval_steps=(), val_size=100,
+        tuned=(-3.0, 4.0), schedule_lr=0.0,
+    )  # fmt: skip
+    assert (still["gamma_min"], still["gamma_max"]) == pytest.approx((-3.0, 4.0), abs=1e-9)

@@ -59,6 +59,7 @@ __all__ = [
     "QUICK",
     "make_schedule",
     "make_loss",
+    "build",
     "train_and_evaluate",
     "results_table",
     "plot_results",
@@ -210,6 +211,45 @@ def optim_args(
     return per_param
 
 
+#: configurations whose denoiser sees γ − γ_min + (the initial γ_min), and whose endpoints
+#: the SVI optimizer leaves alone (``learned-heldout`` trains them separately)
+_ANCHORED = ("learned-anchored", "learned-heldout")
+_FROZEN_ENDPOINTS = ("learned-shape", "learned-heldout")
+
+
+def build(
+    config: str,
+    event_shape: tuple[int, ...],
+    num_levels: int,
+    *,
+    hidden: int = 128,
+    depth: int = 2,
+    decoder: str = "plain",
+    tuned: tuple[float, float] = (-4.0, 2.0),
+    lr: float = 2e-3,
+    schedule_lr: float | None = None,
+    weight_decay: float = 0.0,
+):
+    """The untrained model of configuration ``config`` and its training: ``(vdm, loss, svi)``,
+    as :func:`train_and_evaluate` uses them (an :class:`~pyro_diffusion.nets.MLPDenoiser` over
+    the flattened data seeing γ through :class:`~pyro_diffusion.vdm.NoiseLevelDenoiser`, the
+    configuration's schedule, anchor and loss, ``ClippedAdam`` with :func:`optim_args`)."""
+    _check_config(config)
+    network = MLPDenoiser(math.prod(event_shape), hidden=hidden, depth=depth)
+    denoiser = NoiseLevelDenoiser(network, gamma_range=(-15.0, 15.0), flatten=True)
+    vdm = ContinuousDiffusion(
+        denoiser,
+        make_schedule(config, tuned),
+        event_shape,
+        num_levels=num_levels,
+        decoder=decoder,
+        anchor=tuned[0] if config in _ANCHORED else None,
+    )
+    settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=config in _FROZEN_ENDPOINTS)
+    loss = make_loss(config)
+    return vdm, loss, SVI(vdm.model, vdm.guide, ClippedAdam(settings), loss)
+
+
 def _heldout_endpoint_step(vdm, loss_fn, val: torch.Tensor, batch: int, lr: float, seed: int):
     """For ``learned-heldout``: a function that takes one Adam step of the schedule's
     endpoints γ_min, γ_max on the bound of a batch of *held-out* images (``val``), touching no
@@ -294,21 +334,18 @@ def train_and_evaluate(
         raise ValueError("eval_every: checkpoint selection needs a validation split (val_size > 0)")
     event_shape = tuple(train.shape[1:])
     dim = math.prod(event_shape)
-    network = MLPDenoiser(dim, hidden=hidden, depth=depth)
-    denoiser = NoiseLevelDenoiser(network, gamma_range=(-15.0, 15.0), flatten=True)
-    vdm = ContinuousDiffusion(
-        denoiser,
-        make_schedule(config, tuned),
+    vdm, loss_fn, svi = build(
+        config,
         event_shape,
-        num_levels=dataset.num_levels,
+        dataset.num_levels,
+        hidden=hidden,
+        depth=depth,
         decoder=decoder,
-        anchor=tuned[0] if config in ("learned-anchored", "learned-heldout") else None,
+        tuned=tuned,
+        lr=lr,
+        schedule_lr=schedule_lr,
+        weight_decay=weight_decay,
     )
-
-    freeze = config in ("learned-shape", "learned-heldout")
-    settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=freeze)
-    loss_fn = make_loss(config)
-    svi = SVI(vdm.model, vdm.guide, ClippedAdam(settings), loss_fn)
     generator = torch.Generator().manual_seed(seed)
     heldout_step = None
     if config == "learned-heldout":
@@ -316,7 +353,8 @@ def train_and_evaluate(
             raise ValueError(
                 "learned-heldout: trains the endpoints on the validation split; give val_size > 0"
             )
-        heldout_step = _heldout_endpoint_step(vdm, loss_fn, val, batch, schedule_lr or lr, seed)
+        endpoint_lr = lr if schedule_lr is None else schedule_lr
+        heldout_step = _heldout_endpoint_step(vdm, loss_fn, val, batch, endpoint_lr, seed)
     nats_to_bits = 1 / (dim * math.log(2))
     history, val_history = [], []
     average = best = None
