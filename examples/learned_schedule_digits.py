@@ -312,6 +312,13 @@ def main(argv=None) -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: none)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on the denoiser")
     parser.add_argument(
+        "--train-steps",
+        type=int,
+        default=None,
+        metavar="T",
+        help="train (and select checkpoints) on the T-step bound instead of the continuous-time one",
+    )
+    parser.add_argument(
         "--diagnose",
         action="store_true",
         help="log the validation bound's terms for raw and EMA weights (one config, one seed)",
@@ -335,6 +342,8 @@ def main(argv=None) -> None:
         return
     configs = CONFIGS if args.config == "all" else args.config.split(",")
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.diagnose and args.train_steps is not None:
+        raise SystemExit("--diagnose: runs on the continuous-time bound; drop --train-steps")
     if args.diagnose:
         if "learned-heldout" in configs:  # its held-out endpoint steps are train_and_evaluate's
             raise SystemExit(
@@ -365,6 +374,7 @@ def main(argv=None) -> None:
             val_times=args.val_times,
             ema=args.ema,
             weight_decay=args.weight_decay,
+            train_num_steps=args.train_steps,
         )
         (args.out / f"{config}_seed{args.seed}.json").write_text(json.dumps(result, indent=1))
         print(

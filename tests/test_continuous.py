@@ -597,3 +597,36 @@ def test_learned_heldout_trains_only_the_endpoints_on_the_held_out_images():
         tuned=(-3.0, 4.0), schedule_lr=0.0,
     )  # fmt: skip
     assert (still["gamma_min"], still["gamma_max"]) == pytest.approx((-3.0, 4.0), abs=1e-9)
+
+
+def test_experiment_trains_and_selects_on_a_discrete_bound(monkeypatch):
+    """``train_num_steps = T``: the loss is the T-step bound, checkpoints are selected on the
+    T-step validation bound, and the per-image test bounds are kept for every evaluated T."""
+    from pyro_diffusion.vdm import experiment as ex
+
+    loss = ex.make_loss("learned-shape", 16)
+    assert isinstance(loss, DiscreteTimeELBO) and loss.num_steps == 16 and not loss.minimize_variance
+    assert isinstance(ex.make_loss("learned-shape"), ContinuousTimeELBO)
+    for config, value in (("simple", 16), ("learned-T16", 16), ("tuned", 0), ("tuned", 2.5)):
+        with pytest.raises(ValueError, match="train_num_steps"):
+            ex.make_loss(config, value)
+    _, built, _ = ex.build("linear:-2:4", (64,), 17, hidden=8, depth=1, train_num_steps=8)
+    assert isinstance(built, DiscreteTimeELBO) and built.num_steps == 8
+    validated = []
+    original = ex._validation_bpd
+
+    def recording(vdm, val, num_times, num_steps=None):
+        validated.append(num_steps)
+        return original(vdm, val, num_times, num_steps)
+
+    monkeypatch.setattr(ex, "_validation_bpd", recording)
+    run = dict(steps=4, hidden=8, depth=1, eval_times=3, val_size=40, eval_every=2, val_times=2)
+    result = ex.train_and_evaluate("learned-shape", train_num_steps=4, eval_steps=(4, 16), **run)
+    assert validated == [4, 4] and result["train_num_steps"] == 4
+    for T in (4, 16):
+        per_image = torch.tensor(result[f"test_per_image_bpd_T{T}"], dtype=torch.float64)
+        assert per_image.shape == (297,) and len(result[f"test_per_image_se_T{T}"]) == 297
+        assert math.isclose(per_image.mean().item(), result[f"test_bpd_T{T}"], rel_tol=1e-9)
+    validated.clear()
+    continuous = ex.train_and_evaluate("learned-shape", eval_steps=(), **run)
+    assert validated == [None, None] and "train_num_steps" not in continuous

@@ -125,13 +125,23 @@ def make_schedule(config: str, tuned: tuple[float, float] = (-4.0, 2.0)):
     raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
 
 
-def make_loss(config: str):
-    """The training loss of configuration ``config``."""
+def make_loss(config: str, train_num_steps: int | None = None):
+    """The training loss of configuration ``config``: the continuous-time bound, or with
+    ``train_num_steps = T`` the T-step bound (:class:`DiscreteTimeELBO`, whose gradient trains
+    a learned shape on the bound itself, since for finite T the bound depends on it)."""
+    _check_config(config)
+    if train_num_steps is not None:
+        if isinstance(train_num_steps, bool) or not isinstance(train_num_steps, int) or train_num_steps < 1:
+            raise ValueError(f"train_num_steps: expected a positive integer T or None, got {train_num_steps!r}")
+        if config in ("simple", "learned-T16"):
+            raise ValueError(
+                f"train_num_steps: {config!r} has its own training loss; give None, got {train_num_steps!r}"
+            )
+        return DiscreteTimeELBO(train_num_steps)
     if config == "simple":
         return ContinuousSimplifiedLoss()
     if config == "learned-T16":
         return DiscreteTimeELBO(16)
-    _check_config(config)
     return ContinuousTimeELBO()
 
 
@@ -177,12 +187,15 @@ def _restore(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
         param.copy_(values[name])
 
 
-def _validation_bpd(vdm: ContinuousDiffusion, val: torch.Tensor, num_times: int) -> float:
-    """The continuous-time bound on ``val`` with the same (t, ε) draws at every call (common
-    random numbers, so that checkpoints are compared on equal terms)."""
+def _validation_bpd(
+    vdm: ContinuousDiffusion, val: torch.Tensor, num_times: int, num_steps: int | None = None
+) -> float:
+    """The continuous-time bound (or the ``num_steps``-step one) on ``val`` with the same
+    (t, ε) draws at every call (common random numbers, so that checkpoints are compared on
+    equal terms)."""
     with torch.random.fork_rng():
         torch.manual_seed(2024)
-        return vdm.nll(val, num_times=num_times).dataset_mean()[0]
+        return vdm.nll(val, num_steps=num_steps, num_times=num_times).dataset_mean()[0]
 
 
 def optim_args(
@@ -229,11 +242,13 @@ def build(
     lr: float = 2e-3,
     schedule_lr: float | None = None,
     weight_decay: float = 0.0,
+    train_num_steps: int | None = None,
 ):
     """The untrained model of configuration ``config`` and its training: ``(vdm, loss, svi)``,
     as :func:`train_and_evaluate` uses them (an :class:`~pyro_diffusion.nets.MLPDenoiser` over
     the flattened data seeing γ through :class:`~pyro_diffusion.vdm.NoiseLevelDenoiser`, the
-    configuration's schedule, anchor and loss, ``ClippedAdam`` with :func:`optim_args`)."""
+    configuration's schedule, anchor and loss (:func:`make_loss` with ``train_num_steps``),
+    ``ClippedAdam`` with :func:`optim_args`)."""
     _check_config(config)
     network = MLPDenoiser(math.prod(event_shape), hidden=hidden, depth=depth)
     denoiser = NoiseLevelDenoiser(network, gamma_range=(-15.0, 15.0), flatten=True)
@@ -246,7 +261,7 @@ def build(
         anchor=tuned[0] if config in _ANCHORED else None,
     )
     settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=config in _FROZEN_ENDPOINTS)
-    loss = make_loss(config)
+    loss = make_loss(config, train_num_steps)
     return vdm, loss, SVI(vdm.model, vdm.guide, ClippedAdam(settings), loss)
 
 
@@ -296,6 +311,7 @@ def train_and_evaluate(
     val_times: int = 16,
     ema: float = 0.0,
     weight_decay: float = 0.0,
+    train_num_steps: int | None = None,
 ) -> dict:
     """Train configuration ``config`` on a K-level data set and evaluate it on the test split.
 
@@ -318,7 +334,12 @@ def train_and_evaluate(
       selection.
     * ``ema``: keep an exponential moving average of the weights with this decay; the
       average is what is validated and evaluated.
-    * ``weight_decay``: L2 penalty on the denoiser's weights (Adam's ``weight_decay``)."""
+    * ``weight_decay``: L2 penalty on the denoiser's weights (Adam's ``weight_decay``).
+
+    ``train_num_steps = T`` trains on the T-step bound instead of the continuous-time one
+    (:func:`make_loss`); the validation bound that selects checkpoints is then the T-step
+    bound too.  Per-image test bounds are kept for T = ∞ (``test_per_image_bpd``) and for each
+    T of ``eval_steps`` (``test_per_image_bpd_T{T}``), for paired comparisons."""
     _check_config(config)
     dataset = load_dataset(data)
     if dataset.num_levels is None:
@@ -345,6 +366,7 @@ def train_and_evaluate(
         lr=lr,
         schedule_lr=schedule_lr,
         weight_decay=weight_decay,
+        train_num_steps=train_num_steps,
     )
     generator = torch.Generator().manual_seed(seed)
     heldout_step = None
@@ -365,7 +387,7 @@ def train_and_evaluate(
         current = _snapshot(vdm) if average is not None else None
         if average is not None:
             average.copy_to(vdm)
-        value = _validation_bpd(vdm, val, val_times)
+        value = _validation_bpd(vdm, val, val_times, train_num_steps)
         low, high = (g.item() for g in vdm.schedule.endpoints())
         val_history.append((step, value, low, high))
         if value < best_value:
@@ -414,6 +436,8 @@ def train_and_evaluate(
         "train_seconds": time.time() - start,
         "train_history": history,
     }
+    if train_num_steps is not None:
+        result["train_num_steps"] = train_num_steps
     if val_size or ema or weight_decay:
         result.update(val_size=val_size, eval_every=eval_every, ema=ema, weight_decay=weight_decay)
     if best is not None:
@@ -422,7 +446,7 @@ def train_and_evaluate(
     elif average is not None:
         average.copy_to(vdm)
     if val is not None and best is None:
-        result["val_bpd"] = _validation_bpd(vdm, val, val_times)
+        result["val_bpd"] = _validation_bpd(vdm, val, val_times, train_num_steps)
     vdm.eval()
     gamma0, gamma1 = vdm.schedule.endpoints()
     result["gamma_min"], result["gamma_max"] = gamma0.item(), gamma1.item()
@@ -443,6 +467,8 @@ def train_and_evaluate(
         estimate = vdm.nll(test, num_steps=T, num_times=eval_times)
         result[f"test_bpd_T{T}"], result[f"test_bpd_T{T}_se"] = estimate.dataset_mean()
         result[f"estimator_variance_T{T}_bpd2"] = estimate.variance.mean().item()
+        result[f"test_per_image_bpd_T{T}"] = estimate.mean.tolist()
+        result[f"test_per_image_se_T{T}"] = estimate.standard_error.tolist()
     result["profile_T20_bpd"] = (vdm.step_profile(test, 20).mean(0) * nats_to_bits).tolist()
     return result
 
