@@ -132,7 +132,9 @@ def make_loss(config: str, train_num_steps: int | None = None):
     _check_config(config)
     if train_num_steps is not None:
         if isinstance(train_num_steps, bool) or not isinstance(train_num_steps, int) or train_num_steps < 1:
-            raise ValueError(f"train_num_steps: expected a positive integer T or None, got {train_num_steps!r}")
+            raise ValueError(
+                f"train_num_steps: expected a positive integer T or None, got {train_num_steps!r}"
+            )
         if config in ("simple", "learned-T16"):
             raise ValueError(
                 f"train_num_steps: {config!r} has its own training loss; give None, got {train_num_steps!r}"
