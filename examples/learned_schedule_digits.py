@@ -32,7 +32,7 @@ import torch
 from pyro_diffusion.vdm.experiment import (
     CONFIGS,
     paired_comparison,
-    paired_difference,
+    paired_over_seeds,
     summarize,
     train_and_evaluate,
 )
@@ -65,23 +65,49 @@ def print_paired(folder: Path) -> None:
     configs = list(by_config)
     for i, first in enumerate(configs):  # the configurations against each other, same images
         for second in configs[i + 1 :]:
-            a = {r["seed"]: r["test_per_image_bpd"] for r in by_config[first]}
-            b = {r["seed"]: r["test_per_image_bpd"] for r in by_config[second]}
-            seeds = sorted(set(a) & set(b))
-            groups = [[s] for s in seeds] + ([seeds] if len(seeds) > 1 else [])
-            for group in groups:
-                mean_a = [sum(v) / len(group) for v in zip(*(a[s] for s in group))]
-                mean_b = [sum(v) / len(group) for v in zip(*(b[s] for s in group))]
-                difference, se = paired_difference(mean_a, mean_b)
-                rows.append(
-                    {"first": first, "second": second, "seeds": group, "difference": difference, "se": se}
-                )
-                print(
-                    f"{first} − {second}, seeds {','.join(map(str, group))}: {difference:+.4f} ± {se:.4f} "
-                    f"bits/dim (z = {difference / se:.1f})",
-                    flush=True,
-                )
+            rows.append(
+                {"first": first, "second": second, **print_versus(by_config[first], by_config[second])}
+            )
     (folder / "paired.json").write_text(json.dumps(rows, indent=1))
+
+
+def print_versus(first: list[dict], second: list[dict], num_steps: int | None = None) -> dict:
+    """Print and return :func:`~pyro_diffusion.vdm.experiment.paired_over_seeds` of two
+    configurations' runs: each common seed, then all of them (with the standard error over
+    images and the one over seeds)."""
+    names = [
+        f"{runs[0]['config']}"
+        + (f" (trained T={runs[0]['train_num_steps']})" if "train_num_steps" in runs[0] else "")
+        for runs in (first, second)
+    ]
+    at = "T = ∞" if num_steps is None else f"T = {num_steps}"
+    result = paired_over_seeds(first, second, num_steps)
+    if len(result["seeds"]) > 1:
+        for seed, value in zip(result["seeds"], result["per_seed"]):
+            one = paired_over_seeds(
+                [r for r in first if r["seed"] == seed], [r for r in second if r["seed"] == seed], num_steps
+            )
+            print(
+                f"{names[0]} − {names[1]} at {at}, seed {seed}: {value:+.4f} ± {one['se_images']:.4f} (z = {one['z_images']:.1f})"
+            )
+    seeds = ",".join(map(str, result["seeds"]))
+    print(
+        f"{names[0]} − {names[1]} at {at}, seeds {seeds}: {result['difference']:+.4f} bits/dim; "
+        f"se over images {result['se_images']:.4f} (z = {result['z_images']:.1f}); "
+        f"se over seeds {result['se_seeds']:.4f} (z = {result['z_seeds']:.1f}); "
+        f"first better on {result['images_better']}/{result['num_images']} images",
+        flush=True,
+    )
+    return result
+
+
+def load_runs(folder: Path, config: str) -> list[dict]:
+    """The results of ``config`` in ``folder`` (one per seed), or SystemExit."""
+    runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{config}_seed*.json"))]
+    runs = [r for r in runs if r["config"] == config]
+    if not runs:
+        raise SystemExit(f"--versus: no {config}_seed*.json results in {folder}")
+    return runs
 
 
 def diagnose(config: str, args) -> dict:
@@ -312,6 +338,19 @@ def main(argv=None) -> None:
     parser.add_argument("--ema", type=float, default=0.0, help="EMA decay of the weights (0: none)")
     parser.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty on the denoiser")
     parser.add_argument(
+        "--versus",
+        nargs=4,
+        metavar=("DIR1", "CONFIG1", "DIR2", "CONFIG2"),
+        help="only the paired comparison CONFIG1 (results in DIR1) − CONFIG2 (in DIR2) over their common seeds",
+    )
+    parser.add_argument(
+        "--at",
+        type=int,
+        default=None,
+        metavar="T",
+        help="with --versus: compare the T-step bounds (default T = ∞)",
+    )
+    parser.add_argument(
         "--train-steps",
         type=int,
         default=None,
@@ -336,6 +375,10 @@ def main(argv=None) -> None:
         return
     if args.paired:
         print_paired(args.paired)
+        return
+    if args.versus:
+        dir1, config1, dir2, config2 = args.versus
+        print_versus(load_runs(Path(dir1), config1), load_runs(Path(dir2), config2), args.at)
         return
     if args.plot_diagnosis:
         print(plot_diagnosis(args.plot_diagnosis, args.figure))

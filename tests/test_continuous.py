@@ -630,3 +630,37 @@ def test_experiment_trains_and_selects_on_a_discrete_bound(monkeypatch):
     validated.clear()
     continuous = ex.train_and_evaluate("learned-shape", eval_steps=(), **run)
     assert validated == [None, None] and "train_num_steps" not in continuous
+
+
+def test_paired_over_seeds_gives_both_standard_errors():
+    from pyro_diffusion.vdm.experiment import paired_over_seeds
+
+    generator = torch.Generator().manual_seed(5)
+    base = torch.rand(40, generator=generator, dtype=torch.float64) + 1.5  # per-image difficulty
+    shift = {0: -0.01, 1: -0.03, 2: 0.005, 3: -0.02}  # per-seed effect of "first"
+    first, second = [], []
+    for seed, delta in shift.items():
+        noise = 0.002 * torch.randn(40, generator=generator, dtype=torch.float64)
+        first.append({"seed": seed, "test_per_image_bpd_T16": (base + delta + noise).tolist()})
+        if seed != 3:  # seed 3 has no partner: left out
+            second.append({"seed": seed, "test_per_image_bpd_T16": base.tolist()})
+    result = paired_over_seeds(first, second, num_steps=16)
+    differences = torch.stack(
+        [
+            torch.tensor(f["test_per_image_bpd_T16"], dtype=torch.float64) - base
+            for f in first
+            if f["seed"] != 3
+        ]
+    )
+    assert result["seeds"] == [0, 1, 2] and result["num_images"] == 40
+    assert result["difference"] == pytest.approx(differences.mean().item(), abs=1e-12)
+    assert result["per_seed"] == pytest.approx(differences.mean(1).tolist(), abs=1e-12)
+    assert result["se_seeds"] == pytest.approx(differences.mean(1).std().item() / math.sqrt(3), rel=1e-9)
+    assert result["se_images"] == pytest.approx(differences.mean(0).std().item() / math.sqrt(40), rel=1e-9)
+    # the seed-to-seed spread (sd 0.018) dominates the per-image noise: the image SE misses it
+    assert result["se_seeds"] > 3 * result["se_images"]
+    assert result["images_better"] == int((differences.mean(0) < 0).sum())
+    with pytest.raises(ValueError, match="test_per_image_bpd'"):
+        paired_over_seeds(first, second)  # no T = ∞ values in these results
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired_over_seeds(first[3:], second, num_steps=16)

@@ -69,6 +69,7 @@ __all__ = [
     "paired_comparison",
     "optim_args",
     "paired_difference",
+    "paired_over_seeds",
 ]
 
 #: what ``quick`` changes (a smoke-sized run: seconds per configuration on a CPU)
@@ -568,6 +569,57 @@ def paired_difference(first: Sequence[float], second: Sequence[float]) -> tuple[
     if difference.dim() != 1 or difference.numel() < 2:
         raise ValueError("first, second: expected per-image values for the same >= 2 images")
     return difference.mean().item(), (difference.std() / math.sqrt(difference.numel())).item()
+
+
+def paired_over_seeds(first: Sequence[dict], second: Sequence[dict], num_steps: int | None = None) -> dict:
+    """Two configurations on the same test images and the same seeds, paired: ``first −
+    second`` in bits/dim (negative: ``first`` is better).
+
+    ``first``, ``second``: result dicts (one per seed) with per-image test bounds, at T = ∞
+    (``num_steps=None``, ``test_per_image_bpd``) or at ``num_steps`` = T
+    (``test_per_image_bpd_T{T}``); seeds found in both are used.  Returns ``difference`` (the
+    mean over images of the per-image difference of the seed means, which is also the mean over
+    seeds of the per-seed mean differences) with two standard errors:
+
+    * ``se_images``: over test images of the per-image seed-mean differences (the run-to-run
+      spread is averaged inside each image's value, not counted separately);
+    * ``se_seeds``: over seeds of the per-seed mean differences (counts the run-to-run spread;
+      needs two seeds or more, else NaN);
+
+    their ``z_images``, ``z_seeds``; ``per_seed`` differences; ``images_better``, the number of
+    images where ``first`` is lower."""
+    key = "test_per_image_bpd" if num_steps is None else f"test_per_image_bpd_T{num_steps}"
+    by_seed = []
+    for role, results in (("first", first), ("second", second)):
+        values = {}
+        for result in results:
+            if key not in result:
+                raise ValueError(f"{role}: a result without {key!r} (seed {result.get('seed')})")
+            values[result["seed"]] = torch.as_tensor(result[key], dtype=torch.float64)
+        by_seed.append(values)
+    seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
+    if not seeds:
+        raise ValueError("first, second: no seed in common")
+    differences = torch.stack([by_seed[0][s] - by_seed[1][s] for s in seeds])  # seeds × images
+    if differences.dim() != 2 or differences.shape[1] < 2:
+        raise ValueError("first, second: expected per-image values for the same >= 2 images")
+    per_image = differences.mean(0)
+    per_seed = differences.mean(1)
+    mean = per_image.mean().item()
+    se_images = (per_image.std() / math.sqrt(per_image.numel())).item()
+    se_seeds = (per_seed.std() / math.sqrt(len(seeds))).item() if len(seeds) > 1 else float("nan")
+    return {
+        "seeds": seeds,
+        "num_steps": num_steps,
+        "difference": mean,
+        "se_images": se_images,
+        "z_images": mean / se_images,
+        "se_seeds": se_seeds,
+        "z_seeds": mean / se_seeds if len(seeds) > 1 else float("nan"),
+        "per_seed": per_seed.tolist(),
+        "images_better": int((per_image < 0).sum()),
+        "num_images": per_image.numel(),
+    }
 
 
 def paired_comparison(
