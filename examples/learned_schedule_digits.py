@@ -9,10 +9,14 @@ per-pixel categorical and mixture-of-categoricals baselines) and figures.
     python examples/learned_schedule_digits.py --config all --steps 300 --out runs/vdm_quick
     python examples/learned_schedule_digits.py --summarize runs/vdm
     python examples/learned_schedule_digits.py --paired runs/vdm    # per-image vs the mixture
+    python examples/learned_schedule_digits.py --versus runs/vdm learned-shape runs/vdm tuned  # paired, over seeds
 
 Regularized recipe (off by default): ``--val-size 200 --eval-every 250`` holds out 200
 training images and keeps the checkpoint with the best validation bound; ``--ema 0.999``
 evaluates an EMA of the weights; ``--weight-decay`` penalizes the denoiser's weights.
+
+``--train-steps T`` trains (and selects checkpoints) on the T-step bound instead of the
+continuous-time one; ``--versus … --at T`` compares two configurations' T-step bounds.
 
 ``--diagnose`` logs what the validation bound is made of for the raw and the EMA weights
 (``docs/learned_schedules.md`` §5).
