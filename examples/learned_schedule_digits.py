@@ -105,6 +105,41 @@ def print_versus(first: list[dict], second: list[dict], num_steps: int | None = 
     return result
 
 
+def plot_versus(result: dict, names: tuple[str, str], out: Path) -> Path:
+    """The figure of a paired comparison (``print_versus``'s result): the per-seed differences
+    with their mean and ± 4 standard errors over seeds (left), and the per-image differences of
+    the seed means with ± 4 standard errors over images (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    at = "T = ∞" if result["num_steps"] is None else f"T = {result['num_steps']}"
+    mean = result["difference"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+    axes[0].scatter(result["seeds"], result["per_seed"], s=14, color="k", label="one seed")
+    axes[0].axhline(0.0, color="grey", lw=0.8)
+    axes[0].axhline(mean, color="C0", label=f"mean {mean:+.4f}")
+    se = result["se_seeds"]
+    axes[0].axhspan(mean - 4 * se, mean + 4 * se, color="C0", alpha=0.2, label="± 4 se over seeds")
+    axes[1].axvline(0.0, color="grey", lw=0.8)
+    axes[1].axvline(mean, color="C0", label=f"mean {mean:+.4f}")
+    se = result["se_images"]
+    axes[1].axvspan(mean - 4 * se, mean + 4 * se, color="C0", alpha=0.2, label="± 4 se over images")
+    axes[0].set(xlabel="seed", ylabel="bits/dim", title=f"{names[0]} − {names[1]} ({at}), per seed")
+    axes[1].hist(result["per_image"], bins=40, color="grey")
+    axes[1].set(
+        xlabel="bits/dim", ylabel="test images", title=f"per image (mean over {len(result['seeds'])} seeds)"
+    )
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def load_runs(folder: Path, config: str) -> list[dict]:
     """The results of ``config`` in ``folder`` (one per seed), or SystemExit."""
     runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{config}_seed*.json"))]
@@ -355,6 +390,9 @@ def main(argv=None) -> None:
         help="with --versus: compare the T-step bounds (default T = ∞)",
     )
     parser.add_argument(
+        "--versus-figure", type=Path, default=None, metavar="PNG", help="with --versus: draw it to this file"
+    )
+    parser.add_argument(
         "--train-steps",
         type=int,
         default=None,
@@ -382,7 +420,10 @@ def main(argv=None) -> None:
         return
     if args.versus:
         dir1, config1, dir2, config2 = args.versus
-        print_versus(load_runs(Path(dir1), config1), load_runs(Path(dir2), config2), args.at)
+        first, second = load_runs(Path(dir1), config1), load_runs(Path(dir2), config2)
+        result = print_versus(first, second, args.at)
+        if args.versus_figure:
+            print(plot_versus(result, (config1, config2), args.versus_figure))
         return
     if args.plot_diagnosis:
         print(plot_diagnosis(args.plot_diagnosis, args.figure))

@@ -586,8 +586,8 @@ def paired_over_seeds(first: Sequence[dict], second: Sequence[dict], num_steps: 
     * ``se_seeds``: over seeds of the per-seed mean differences (counts the run-to-run spread;
       needs two seeds or more, else NaN);
 
-    their ``z_images``, ``z_seeds``; ``per_seed`` differences; ``images_better``, the number of
-    images where ``first`` is lower."""
+    their ``z_images``, ``z_seeds``; the ``per_seed`` and ``per_image`` (seed-mean)
+    differences; ``images_better``, the number of images where ``first`` is lower."""
     key = "test_per_image_bpd" if num_steps is None else f"test_per_image_bpd_T{num_steps}"
     by_seed = []
     for role, results in (("first", first), ("second", second)):
@@ -617,6 +617,7 @@ def paired_over_seeds(first: Sequence[dict], second: Sequence[dict], num_steps: 
         "se_seeds": se_seeds,
         "z_seeds": mean / se_seeds if len(seeds) > 1 else float("nan"),
         "per_seed": per_seed.tolist(),
+        "per_image": per_image.tolist(),
         "images_better": int((per_image < 0).sum()),
         "num_images": per_image.numel(),
     }
