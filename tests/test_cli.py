@@ -113,3 +113,22 @@ def test_help_explains_every_flag(command, capsys):
     if command in ("train", "compare"):
         for flag in ("--data", "--steps", "--seed", "--device", "--out"):
             assert flag in text
+
+
+def test_compare_runs_the_vdm_configurations_with_a_recipe(tmp_path, capsys):
+    out = tmp_path / "compare"
+    common = ["compare", "--quick", "--data", "digits", "--steps", "5", "--num-steps", "10", "--seeds", "0"]
+    common += ["--objectives", "elbo", "--no-baselines", "--no-progress", "--out", str(out)]
+    status = main(common + ["--vdm", "learned-shape", "linear:-1:3", "--vdm-recipe", "regularized"])
+    assert status == 0
+    for config, endpoints in (("learned-shape", (-2.0, 4.0)), ("linear:-1:3", (-1.0, 3.0))):
+        result = json.loads((out / "vdm" / f"{config}_seed0.json").read_text())
+        assert result["decoder"] == "denoiser" and result["val_size"] == 200 and result["ema"] == 0.999
+        assert result["steps"] == 150 and result["best_step"] == 150  # --quick over the recipe
+        assert (result["gamma_min"], result["gamma_max"]) == pytest.approx(endpoints, abs=1e-9)
+    assert "learned-shape" in (out / "vdm" / "results.md").read_text()
+    capsys.readouterr()
+    refused = tmp_path / "refused"
+    assert main(common[:-1] + [str(refused), "--vdm", "linear:3:1"]) == 2
+    assert "config" in capsys.readouterr().err
+    assert not (refused / "elbo").exists()  # refused before the core comparison trained anything
