@@ -52,11 +52,16 @@ def print_paired(folder: Path) -> None:
             by_config.setdefault(result["config"], []).append(result)
     if not by_config:
         raise SystemExit(f"--paired: no results with per-image values in {folder}")
+    from pyro_diffusion.baselines import CategoricalMixture
+    from pyro_diffusion.data import load_dataset
+
+    dataset = load_dataset(results[0].get("data", "digits"))
+    mixture = CategoricalMixture(dataset.num_levels, 50, seed=0).fit(dataset.train)  # once for all
     rows = []
     for config, runs in by_config.items():
         groups = [[r] for r in runs] + ([runs] if len(runs) > 1 else [])
         for group in groups:
-            rows.append(paired_comparison(group))
+            rows.append(paired_comparison(group, dataset, mixture=mixture))
             c = rows[-1]
             seeds = ",".join(str(s) for s in c["seeds"])
             print(

@@ -462,6 +462,11 @@ def test_experiment_validation_ema_weight_decay_and_paired_comparison():
     plain = train_and_evaluate("tuned", **settings)
     assert "val_bpd" not in plain and "ema" not in plain  # off by default
     paired = paired_comparison([result, {**result, "seed": 1}], dataset, num_components=5)
+    from pyro_diffusion.baselines import CategoricalMixture
+
+    fitted = CategoricalMixture(dataset.num_levels, 5, seed=0).fit(dataset.train)  # fitted once, reused
+    again = paired_comparison([result, {**result, "seed": 1}], dataset, mixture=fitted)
+    assert again["difference"] == pytest.approx(paired["difference"], abs=1e-12)
     assert paired["seeds"] == [0, 1] and paired["num_images"] == dataset.test.shape[0]
     assert math.isclose(paired["diffusion_bpd"], result["test_bpd_continuous"], rel_tol=1e-9)
     assert math.isclose(paired["difference"], paired["mixture_bpd"] - paired["diffusion_bpd"], abs_tol=1e-9)

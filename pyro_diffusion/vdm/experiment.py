@@ -648,14 +648,15 @@ def paired_over_seeds(first: Sequence[dict], second: Sequence[dict], num_steps: 
 
 
 def paired_comparison(
-    results: Sequence[dict], dataset=None, *, num_components: int = 50, seed: int = 0
+    results: Sequence[dict], dataset=None, *, num_components: int = 50, seed: int = 0, mixture=None
 ) -> dict:
     """The diffusion's per-image test bound against the mixture of categoricals on the same
     test images, paired.
 
     ``results``: result dicts of one configuration (several seeds are averaged per image) with
     ``test_per_image_bpd``.  The mixture (:class:`~pyro_diffusion.baselines.CategoricalMixture`,
-    fitted on the whole training split) gives exact per-image code lengths.  Returns, in
+    fitted on the whole training split, or ``mixture`` when given, to fit it once for many
+    calls) gives exact per-image code lengths.  Returns, in
     bits/dim: ``difference`` = mean over images of (mixture − diffusion) (positive: the
     diffusion is better), its standard error over images ``difference_se`` and ``z`` =
     difference / se; ``mc_se``, the Monte Carlo standard error of the diffusion's mean (part
@@ -666,7 +667,8 @@ def paired_comparison(
         raise ValueError("results: expected result dicts with 'test_per_image_bpd'")
     dataset = dataset if dataset is not None else load_dataset(results[0].get("data", "digits"))
     test = dataset.test
-    mixture = CategoricalMixture(dataset.num_levels, num_components, seed=seed).fit(dataset.train)
+    if mixture is None:
+        mixture = CategoricalMixture(dataset.num_levels, num_components, seed=seed).fit(dataset.train)
     mixture_bpd = (-mixture.log_prob(test) / (test[0].numel() * math.log(2))).to(torch.float64)
     per_seed = torch.tensor([r["test_per_image_bpd"] for r in results], dtype=torch.float64)
     per_seed_se = torch.tensor([r["test_per_image_se"] for r in results], dtype=torch.float64)
