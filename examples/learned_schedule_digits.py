@@ -110,6 +110,19 @@ def print_versus(first: list[dict], second: list[dict], num_steps: int | None = 
     return result
 
 
+def save_figure(fig, axes, out: Path) -> Path:
+    """Legends on ``axes``, then ``fig`` written to ``out`` (folders made) and closed."""
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_versus(result: dict, names: tuple[str, str], out: Path) -> Path:
     """The figure of a paired comparison (``print_versus``'s result): the per-seed differences
     with their mean and ± 4 standard errors over seeds (left), and the per-image differences of
@@ -136,13 +149,7 @@ def plot_versus(result: dict, names: tuple[str, str], out: Path) -> Path:
     axes[1].set(
         xlabel="bits/dim", ylabel="test images", title=f"per image (mean over {len(result['seeds'])} seeds)"
     )
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, axes, out)
 
 
 def load_runs(folder: Path, config: str) -> list[dict]:
@@ -341,13 +348,7 @@ def plot_diagnosis(folder: Path, out: Path) -> Path:
         yscale="log",
         title="the network near γ_min, end of training",
     )
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, axes, out)
 
 
 def main(argv=None) -> None:
