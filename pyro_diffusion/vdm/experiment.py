@@ -624,13 +624,10 @@ def paired_over_seeds(first: Sequence[dict], second: Sequence[dict], num_steps: 
     seeds = sorted(set(by_seed[0]) & set(by_seed[1]))
     if not seeds:
         raise ValueError("first, second: no seed in common")
-    differences = torch.stack([by_seed[0][s] - by_seed[1][s] for s in seeds])  # seeds × images
-    if differences.dim() != 2 or differences.shape[1] < 2:
-        raise ValueError("first, second: expected per-image values for the same >= 2 images")
-    per_image = differences.mean(0)
-    per_seed = differences.mean(1)
-    mean = per_image.mean().item()
-    se_images = (per_image.std() / math.sqrt(per_image.numel())).item()
+    first_means, second_means = (torch.stack([values[s] for s in seeds]).mean(0) for values in by_seed)
+    mean, se_images = paired_difference(first_means, second_means)  # checks the per-image shapes
+    per_image = first_means - second_means
+    per_seed = torch.stack([by_seed[0][s] - by_seed[1][s] for s in seeds]).mean(1)
     se_seeds = (per_seed.std() / math.sqrt(len(seeds))).item() if len(seeds) > 1 else float("nan")
     return {
         "seeds": seeds,
