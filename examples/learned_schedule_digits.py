@@ -42,16 +42,18 @@ from pyro_diffusion.vdm.experiment import (
 )
 
 
-def print_paired(folder: Path) -> None:
+def print_paired(folder: Path, num_steps: int | None = None) -> None:
     """Per configuration (each seed, then all seeds averaged per image): the paired per-image
-    difference mixture − diffusion in bits/dim with its standard error over test images."""
+    difference mixture − diffusion in bits/dim with its standard error over test images, then
+    the configurations against each other; at T = ∞, or at ``num_steps`` = T."""
     results = [json.loads(p.read_text()) for p in sorted(folder.glob("*_seed*.json"))]
+    key = "test_per_image_bpd" if num_steps is None else f"test_per_image_bpd_T{num_steps}"
     by_config: dict[str, list[dict]] = {}
     for result in results:
-        if "test_per_image_bpd" in result:
+        if key in result:
             by_config.setdefault(result["config"], []).append(result)
     if not by_config:
-        raise SystemExit(f"--paired: no results with per-image values in {folder}")
+        raise SystemExit(f"--paired: no results with per-image values ({key}) in {folder}")
     from pyro_diffusion.baselines import CategoricalMixture
     from pyro_diffusion.data import load_dataset
 
@@ -61,7 +63,7 @@ def print_paired(folder: Path) -> None:
     for config, runs in by_config.items():
         groups = [[r] for r in runs] + ([runs] if len(runs) > 1 else [])
         for group in groups:
-            rows.append(paired_comparison(group, dataset, mixture=mixture))
+            rows.append(paired_comparison(group, dataset, mixture=mixture, num_steps=num_steps))
             c = rows[-1]
             seeds = ",".join(str(s) for s in c["seeds"])
             print(
@@ -75,7 +77,11 @@ def print_paired(folder: Path) -> None:
     for i, first in enumerate(configs):  # the configurations against each other, same images
         for second in configs[i + 1 :]:
             rows.append(
-                {"first": first, "second": second, **print_versus(by_config[first], by_config[second])}
+                {
+                    "first": first,
+                    "second": second,
+                    **print_versus(by_config[first], by_config[second], num_steps),
+                }
             )
     (folder / "paired.json").write_text(json.dumps(rows, indent=1))
 
@@ -393,7 +399,7 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         metavar="T",
-        help="with --versus: compare the T-step bounds (default T = ∞)",
+        help="with --versus or --paired: compare the T-step bounds (default T = ∞)",
     )
     parser.add_argument(
         "--versus-figure", type=Path, default=None, metavar="PNG", help="with --versus: draw it to this file"
@@ -422,7 +428,7 @@ def main(argv=None) -> None:
         print(summarize(args.summarize))
         return
     if args.paired:
-        print_paired(args.paired)
+        print_paired(args.paired, args.at)
         return
     if args.versus:
         dir1, config1, dir2, config2 = args.versus

@@ -632,6 +632,15 @@ def test_experiment_trains_and_selects_on_a_discrete_bound(monkeypatch):
         per_image = torch.tensor(result[f"test_per_image_bpd_T{T}"], dtype=torch.float64)
         assert per_image.shape == (297,) and len(result[f"test_per_image_se_T{T}"]) == 297
         assert math.isclose(per_image.mean().item(), result[f"test_bpd_T{T}"], rel_tol=1e-9)
+    from pyro_diffusion.baselines import CategoricalMixture
+    from pyro_diffusion.data import load_dataset
+
+    dataset = load_dataset("digits")
+    mixture = CategoricalMixture(dataset.num_levels, 5, seed=0).fit(dataset.train)
+    at16 = ex.paired_comparison([result], dataset, mixture=mixture, num_steps=16)
+    assert math.isclose(at16["diffusion_bpd"], result["test_bpd_T16"], rel_tol=1e-9)
+    with pytest.raises(ValueError, match="test_per_image_bpd_T64"):
+        ex.paired_comparison([result], dataset, mixture=mixture, num_steps=64)
     validated.clear()
     continuous = ex.train_and_evaluate("learned-shape", eval_steps=(), **run)
     assert validated == [None, None] and "train_num_steps" not in continuous

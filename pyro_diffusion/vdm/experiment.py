@@ -645,13 +645,20 @@ def paired_over_seeds(first: Sequence[dict], second: Sequence[dict], num_steps: 
 
 
 def paired_comparison(
-    results: Sequence[dict], dataset=None, *, num_components: int = 50, seed: int = 0, mixture=None
+    results: Sequence[dict],
+    dataset=None,
+    *,
+    num_components: int = 50,
+    seed: int = 0,
+    mixture=None,
+    num_steps: int | None = None,
 ) -> dict:
     """The diffusion's per-image test bound against the mixture of categoricals on the same
     test images, paired.
 
     ``results``: result dicts of one configuration (several seeds are averaged per image) with
-    ``test_per_image_bpd``.  The mixture (:class:`~pyro_diffusion.baselines.CategoricalMixture`,
+    ``test_per_image_bpd`` (T = ∞), or with ``test_per_image_bpd_T{T}`` for ``num_steps`` = T
+    (and the matching ``…_se``).  The mixture (:class:`~pyro_diffusion.baselines.CategoricalMixture`,
     fitted on the whole training split, or ``mixture`` when given, to fit it once for many
     calls) gives exact per-image code lengths.  Returns, in
     bits/dim: ``difference`` = mean over images of (mixture − diffusion) (positive: the
@@ -660,15 +667,17 @@ def paired_comparison(
     of ``difference_se``, since each image's estimate is noisy); and both means."""
     from ..baselines import CategoricalMixture
 
-    if not results or any("test_per_image_bpd" not in r for r in results):
-        raise ValueError("results: expected result dicts with 'test_per_image_bpd'")
+    suffix = "" if num_steps is None else f"_T{num_steps}"
+    key, se_key = f"test_per_image_bpd{suffix}", f"test_per_image_se{suffix}"
+    if not results or any(key not in r or se_key not in r for r in results):
+        raise ValueError(f"results: expected result dicts with {key!r} and {se_key!r}")
     dataset = dataset if dataset is not None else load_dataset(results[0].get("data", "digits"))
     test = dataset.test
     if mixture is None:
         mixture = CategoricalMixture(dataset.num_levels, num_components, seed=seed).fit(dataset.train)
     mixture_bpd = (-mixture.log_prob(test) / (test[0].numel() * math.log(2))).to(torch.float64)
-    per_seed = torch.tensor([r["test_per_image_bpd"] for r in results], dtype=torch.float64)
-    per_seed_se = torch.tensor([r["test_per_image_se"] for r in results], dtype=torch.float64)
+    per_seed = torch.tensor([r[key] for r in results], dtype=torch.float64)
+    per_seed_se = torch.tensor([r[se_key] for r in results], dtype=torch.float64)
     if per_seed.shape[1] != mixture_bpd.shape[0]:
         raise ValueError(
             f"results: {per_seed.shape[1]} per-image values for {mixture_bpd.shape[0]} test images"
