@@ -16,7 +16,7 @@ training images and keeps the checkpoint with the best validation bound; ``--ema
 evaluates an EMA of the weights; ``--weight-decay`` penalizes the denoiser's weights.
 
 ``--train-steps T`` trains (and selects checkpoints) on the T-step bound instead of the
-continuous-time one; ``--versus … --at T`` compares two configurations' T-step bounds.
+continuous-time one; ``--versus … --at T`` and ``--paired DIR --at T`` compare T-step bounds.
 
 ``--diagnose`` logs what the validation bound is made of for the raw and the EMA weights
 (``docs/learned_schedules.md`` §5).
