@@ -1,42 +1,45 @@
 """pyro_diffusion: denoising diffusion models as probabilistic programs in Pyro.
 
 The forward (noising) chain is a Pyro guide, the learned reverse chain a Pyro model, over the
-same sites ``x_T … x_1, x_0``; ``pyro.infer.SVI`` optimizes the full ELBO.
+same sites ``x_T … x_1, x_0``, on a grid of noise levels γ = −log SNR; ``pyro.infer.SVI``
+optimizes the full ELBO by running them.
 """
 
-from .bound import bits_per_dim, prior_term, q_sample, step_terms, vlb_terms
-from .chains import ForwardChain, ReverseChain, site_name
-from .data import GaussianMixture2D, load_dataset
+from .bound import BoundEstimate, bits_per_dim, bound, nll, prior_term, vlb_terms
+from .chains import StepDraw, site_name
 from .decoders import DiscretizedGaussian
-from .diffusion import GaussianDiffusion
-from .losses import HybridLoss, SimplifiedLoss, StepSubsampledELBO
-from .nets import MLPDenoiser, UNetDenoiser
-from .optim import FusedAdam, FusedOptim
-from .sampling import ancestral_sample
-from .schedule import NoiseSchedule
+from .diffusion import Diffusion, GaussianDiffusion
+from .losses import DiffusionELBO, HybridLoss, SimplifiedLoss
+from .nets import MLPDenoiser, StepIndexed, UNetDenoiser
+from .samplers import ancestral, ddim, sample
+from .schedules import CosineGamma, LearnedGamma, LinearGamma, NoiseSchedule, Schedule
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "Schedule",
     "NoiseSchedule",
+    "LinearGamma",
+    "CosineGamma",
+    "LearnedGamma",
+    "Diffusion",
     "GaussianDiffusion",
-    "ForwardChain",
-    "ReverseChain",
+    "StepDraw",
     "site_name",
-    "StepSubsampledELBO",
+    "DiffusionELBO",
     "SimplifiedLoss",
     "HybridLoss",
     "vlb_terms",
-    "step_terms",
+    "nll",
+    "bound",
+    "BoundEstimate",
     "prior_term",
-    "q_sample",
     "bits_per_dim",
-    "ancestral_sample",
+    "ancestral",
+    "ddim",
+    "sample",
     "DiscretizedGaussian",
     "MLPDenoiser",
     "UNetDenoiser",
-    "GaussianMixture2D",
-    "load_dataset",
-    "FusedOptim",
-    "FusedAdam",
+    "StepIndexed",
 ]

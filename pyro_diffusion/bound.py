@@ -1,136 +1,238 @@
-r"""The variational bound, term by term and batched over steps (DESIGN.md §2).
+r"""The variational bound, term by term, on any grid or in continuous time.
 
-Step terms, per datum, in nats (ℓ_1 = L_0, ℓ_t = L_{t-1} for t ≥ 2):
+On a grid of T levels, per datum, in nats (ℓ_1 the decoder term, ℓ_t for t ≥ 2 the KLs):
 
     ℓ_1 = −log p_θ(x_0 | x_1)
     ℓ_t = KL(q(x_{t-1} | x_t, x_0) ‖ p_θ(x_{t-1} | x_t))                       t ≥ 2
-        = ½ Σ_d [log σ_t² − log β̃_t + (β̃_t + (μ̃_t − μ_θ)²)/σ_t² − 1]
-    L_T = KL(q(x_T | x_0) ‖ N(0, I)) = ½ Σ_d [ᾱ_T x_0² + (1 − ᾱ_T) − log(1 − ᾱ_T) − 1]
+    L_T = KL(q(x_T | x_0) ‖ N(0, I))
 
-each ℓ_t with ``x_t ~ q(x_t | x_0)`` drawn in closed form, so that
-``−ELBO = E[Σ_t ℓ_t] + L_T`` and every step can be evaluated in one batched network call.
+each with ``x_t ~ q(x_t | x_0)`` drawn in closed form, so ``−ELBO = E[Σ_t ℓ_t] + L_T`` and all
+steps are evaluated in batched network calls.  In continuous time the sum of the ℓ_t (t ≥ 2)
+becomes ``∫_0^1 ½ γ'(t) E‖ε − ε̂_θ(z_t, γ(t))‖² dt``, estimated by Monte Carlo over t.
+
+The terms are built from the distributions the Pyro programs sample
+(:meth:`~pyro_diffusion.diffusion.Diffusion.marginal`, ``forward_step``, ``reverse_step``,
+``decoder_distribution``) and the same ``kl_divergence`` registrations, without tracing.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
+import pyro.distributions as dist
 import torch
+from torch.distributions import kl_divergence
 from tqdm.auto import tqdm
 
-from .parameterization import posterior_mean
+from .chains import InfinitesimalStep
+from .parameterization import broadcast
+from .schedules import check_num_steps
 
-__all__ = ["q_sample", "step_terms", "step_terms_given", "prior_term", "vlb_terms", "bits_per_dim"]
-
-
-def q_sample(schedule, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None):
-    """x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, a draw from q(x_t | x_0); returns (x_t, ε)."""
-    if noise is None:
-        noise = torch.randn_like(x0)
-    x_t = (
-        schedule.at("sqrt_alphas_cumprod", t, x0) * x0
-        + schedule.at("sqrt_one_minus_alphas_cumprod", t, x0) * noise
-    )
-    return x_t, noise
+__all__ = [
+    "BoundEstimate",
+    "prior_term",
+    "decoder_term",
+    "step_terms",
+    "vlb_terms",
+    "bound_samples",
+    "bound",
+    "nll",
+    "bits_per_dim",
+]
 
 
 def _sum_event(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(1)
 
 
-def step_terms_given(diffusion, x0, t, x_t, loc, log_var) -> torch.Tensor:
-    """ℓ_t per datum given the reverse step's mean ``loc`` and ``log_var`` at (x_t, t)."""
-    from .decoders import decoder_distribution
-
-    schedule = diffusion.schedule
-    # KL(q(x_{t-1}|x_t,x_0) ‖ p_θ(x_{t-1}|x_t)) for t ≥ 2 (computed for all, kept where t ≥ 2)
-    q_loc = posterior_mean(schedule, x0, x_t, t)
-    q_log_var = schedule.at("posterior_log_variance_clipped", t, x_t)
-    kl = 0.5 * (log_var - q_log_var + (torch.exp(q_log_var) + (q_loc - loc) ** 2) * torch.exp(-log_var) - 1)
-    kl = _sum_event(kl.expand_as(x0))
-    # −log p_θ(x_0 | x_1) for t = 1
-    decoder = decoder_distribution(diffusion.decoder, loc, log_var, diffusion.num_levels)
-    nll = -_sum_event(decoder.log_prob(x0))
-    return torch.where(t == 1, nll, kl)
+def prior_term(diffusion, x0: torch.Tensor, gamma_T: torch.Tensor | None = None) -> torch.Tensor:
+    """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per datum, ``(B,)`` (level: the model's top by default)."""
+    if gamma_T is None:
+        gamma_T = diffusion.grid()[-1]
+    q = diffusion.marginal(x0, gamma_T)
+    return _sum_event(kl_divergence(q, dist.Normal(torch.zeros_like(x0), torch.ones_like(x0))))
 
 
-def step_terms(diffusion, x0: torch.Tensor, t: torch.Tensor, x_t: torch.Tensor) -> torch.Tensor:
-    """ℓ_t per datum, shape ``(B,)``, at 1-based steps ``t`` (``(B,)``, may differ per datum)
-    for the given ``x_t`` (normally a draw from q(x_t | x_0))."""
-    loc, log_var, _ = diffusion.reverse_mean_log_variance(x_t, t)
-    return step_terms_given(diffusion, x0, t, x_t, loc, log_var)
+def decoder_term(diffusion, x0: torch.Tensor, gamma_1: torch.Tensor | None = None) -> torch.Tensor:
+    """ℓ_1 = −log p_θ(x_0 | x_1) per datum for one draw x_1 ~ q(x_1 | x_0), ``(B,)``."""
+    if gamma_1 is None:
+        gamma_1 = diffusion.grid()[0]
+    z_1 = diffusion.marginal(x0, gamma_1).rsample()
+    return -_sum_event(diffusion.decoder_distribution(z_1, gamma_1).log_prob(x0))
 
 
-def prior_term(schedule, x0: torch.Tensor) -> torch.Tensor:
-    """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per datum, shape ``(B,)``."""
-    # q(x_T | x_0) = N(√ᾱ_T x_0, (1 − ᾱ_T) I); the step is the same for every datum, so the
-    # schedule's entries enter as 0-d tensors (no per-datum gather, no distribution object)
-    # (1 − ᾱ_T) − log(1 − ᾱ_T) − 1 cancels badly near ᾱ_T = 0: evaluated in float64
-    sqrt_alpha_bar = schedule.cast("sqrt_alphas_cumprod", x0.dtype)[-1]
-    one_minus = schedule.one_minus_alphas_cumprod[-1]
-    constant = (one_minus - torch.log(one_minus) - 1).to(x0.dtype)
-    return 0.5 * _sum_event((sqrt_alpha_bar * x0) ** 2 + constant)
+def step_terms(diffusion, x0: torch.Tensor, gamma_s: torch.Tensor, gamma_t: torch.Tensor) -> torch.Tensor:
+    """ℓ per datum, ``(B,)``, of the steps from γ_t down to γ_s (per datum, γ_s < γ_t), one draw
+    z_t ~ q(z_t | x_0) each."""
+    z_t = diffusion.marginal(x0, gamma_t).rsample()
+    q = diffusion.forward_step(x0, z_t, gamma_s, gamma_t)
+    p, _ = diffusion.reverse_step(z_t, gamma_s, gamma_t)
+    return _sum_event(kl_divergence(q, p))
 
 
-# Data elements per network call when the chunk is chosen automatically.  On a CPU the
-# fastest chunks keep the network's activations in cache (a few MiB: a 128-wide MLP on
-# 4,096 2-D rows, a 32-channel U-Net on 128 8×8 images); larger chunks run *slower*.  On a
-# GPU the call should fill the device; 2**22 elements of (3, 32, 32) images is 1,365 images.
-# Measured in docs/benchmarks.md ("full_bound").
+def continuous_terms(diffusion, x0: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """One draw of the continuous-time diffusion term ½ γ'(t) ‖ε − ε̂‖² per datum at ``times``,
+    and the schedule's shape outputs."""
+    at = diffusion.schedule(times)
+    z_t = diffusion.marginal(x0, at.gamma).rsample()
+    eps = diffusion.noise_of(x0, z_t, at.gamma)
+    prediction, _ = diffusion.predict(z_t, at.gamma)
+    rate = broadcast(at.derivative, z_t)
+    kl = kl_divergence(InfinitesimalStep(z_t, eps, rate), InfinitesimalStep(z_t, prediction.eps, rate))
+    return _sum_event(kl), at.shape_outputs
+
+
+# Data elements per network call when the chunk is chosen automatically.  On a CPU the fastest
+# chunks keep the network's activations in cache; on a GPU the call should fill the device.
 CHUNK_ELEMENTS = {"cpu": 2**13, "cuda": 2**22}
 
 
 def _default_chunk(batch: int, num_steps: int, max_items: int, event_size: int = 1, device=None) -> int:
     """Steps per network call: as many as keep ``steps × batch`` rows within ``max_items``
-    and ``steps × batch × event_size`` data elements within the device's budget
-    (``CHUNK_ELEMENTS``), and at least one."""
+    and ``steps × batch × event_size`` elements within the device's budget, at least one."""
     device_type = torch.device(device).type if device is not None else "cpu"
     budget = CHUNK_ELEMENTS.get(device_type, CHUNK_ELEMENTS["cuda"])
     rows = min(max_items, budget // max(event_size, 1))
     return max(1, min(num_steps, rows // max(batch, 1)))
 
 
+def _check_positive(value, argument: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
+    return value
+
+
 def vlb_terms(
     diffusion,
     x0: torch.Tensor,
     *,
+    num_steps: int | None = None,
     steps_per_call: int | None = None,
     max_items: int = 8192,
     progress: bool = False,
     differentiable: bool = False,
 ) -> torch.Tensor:
-    """All T + 1 terms of the bound per datum: a ``(B, T + 1)`` tensor in nats whose column i
-    is L_i (column 0 the decoder term, 1..T−1 the per-step KLs, T the prior KL); the row sums
-    are unbiased single-draw estimates of −ELBO(x_0).
+    """All T + 1 terms of the bound on the grid ``num_steps`` (None: the model's own) per
+    datum: a ``(B, T + 1)`` tensor in nats whose column 0 is the decoder term, columns
+    1..T−1 the per-step KLs (steps 2..T) and column T the prior KL; row sums are unbiased
+    single-draw estimates of −ELBO(x_0).
 
-    Steps are evaluated in chunks: each network call covers ``steps_per_call`` steps for the
-    whole batch (by default as many as fit in ``max_items`` rows and in a budget of data
-    elements per call, ``CHUNK_ELEMENTS``: 2**13 on a CPU, where chunks that stay in cache are
-    fastest, 2**22 on a GPU; a chunk is at least one step).  Memory grows linearly with the
-    chunk.  ``progress`` shows a bar;
-    ``differentiable=False`` (default) evaluates under ``torch.no_grad()``.
-    """
+    Each network call covers ``steps_per_call`` steps for the whole batch (by default as many
+    as fit in ``max_items`` rows and the device's element budget, ``CHUNK_ELEMENTS``).
+    ``differentiable=False`` (default) evaluates under ``torch.no_grad()``."""
     diffusion.check_data(x0)
-    schedule = diffusion.schedule
-    T = schedule.num_steps
+    if steps_per_call is not None:
+        _check_positive(steps_per_call, "steps_per_call")
+    _check_positive(max_items, "max_items")
+    grid = diffusion.grid(num_steps).to(x0.device)
+    T = grid.shape[0]
     B = x0.shape[0]
     chunk = steps_per_call or _default_chunk(B, T, max_items, diffusion.event_size, x0.device)
-    columns = []
     with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()):
+        columns = [decoder_term(diffusion, x0, grid[0]).unsqueeze(0)]
         bar = tqdm(total=T, desc="bound", unit="step", disable=not progress, leave=False)
-        for start in range(1, T + 1, chunk):
+        bar.update(1)
+        for start in range(2, T + 1, chunk):
             stop = min(T, start + chunk - 1)
             n = stop - start + 1
             t = torch.arange(start, stop + 1, device=x0.device).repeat_interleave(B)
             x0_rep = x0.repeat((n,) + (1,) * (x0.dim() - 1))
-            x_t, _ = q_sample(schedule, x0_rep, t)
-            columns.append(step_terms(diffusion, x0_rep, t, x_t).reshape(n, B))
+            columns.append(step_terms(diffusion, x0_rep, grid[t - 2], grid[t - 1]).reshape(n, B))
             bar.update(n)
         bar.close()
-        columns.append(prior_term(schedule, x0).unsqueeze(0))
+        columns.append(prior_term(diffusion, x0, grid[-1]).unsqueeze(0))
     return torch.cat(columns, 0).transpose(0, 1)
 
 
 def bits_per_dim(diffusion, terms: torch.Tensor) -> torch.Tensor:
-    """−ELBO / (D ln 2) per datum from ``vlb_terms`` output."""
+    """−ELBO / (D ln 2) per datum from ``vlb_terms`` (or any per-datum nats summed over the last
+    dimension)."""
     return terms.sum(-1) / (diffusion.event_size * math.log(2))
+
+
+class BoundEstimate(NamedTuple):
+    """Monte Carlo estimate of −ELBO per datum from ``num_draws`` independent single-draw
+    estimates: ``mean``, ``standard_error`` (= sqrt(variance / n)) and ``variance`` (of one
+    draw: the estimator's variance), all ``(B,)``, in the unit asked for."""
+
+    mean: torch.Tensor
+    standard_error: torch.Tensor
+    variance: torch.Tensor
+    num_draws: int
+
+    def dataset_mean(self) -> tuple[float, float]:
+        """(mean over data, its Monte Carlo standard error given the data)."""
+        n = self.mean.shape[0]
+        return self.mean.mean().item(), (self.standard_error.pow(2).sum().sqrt() / n).item()
+
+
+@torch.no_grad()
+def bound_samples(
+    diffusion,
+    x0: torch.Tensor,
+    *,
+    num_steps: int | None = 0,
+    num_times: int = 128,
+    max_items: int = 16384,
+    progress: bool = False,
+) -> torch.Tensor:
+    """``num_times`` independent single-draw estimates of −ELBO(x_0) per datum, in nats,
+    ``(B, num_times)``: the one-step estimator (uniform step, decoder and prior in closed form)
+    in continuous time (``num_steps=0``, the default) or on a T-level grid.  Row means are
+    unbiased for −ELBO; their spread is the estimator's variance."""
+    diffusion.check_data(x0)
+    if isinstance(num_times, bool) or not isinstance(num_times, int) or num_times < 2:
+        raise ValueError(f"num_times: expected an integer >= 2, got {num_times!r}")
+    _check_positive(max_items, "max_items")
+    continuous = num_steps == 0 and not isinstance(num_steps, bool)
+    if continuous:
+        gamma_1, gamma_T = diffusion.schedule.endpoints()
+    else:
+        grid = diffusion.grid(num_steps).to(x0.device)
+        gamma_1, gamma_T = grid[0], grid[-1]
+        if grid.shape[0] < 2:
+            raise ValueError("num_steps: the one-step estimator needs T >= 2 noise levels")
+    B = x0.shape[0]
+    per_call = max(1, max_items // max(B, 1))
+    prior = prior_term(diffusion, x0, gamma_T).to(torch.float64)
+    columns = []
+    for start in tqdm(range(0, num_times, per_call), desc="bound", disable=not progress, leave=False):
+        n = min(per_call, num_times - start)
+        x_rep = x0.repeat((n,) + (1,) * (x0.dim() - 1))
+        if continuous:
+            times = torch.rand(n * B, dtype=torch.float64, device=x0.device)
+            terms, _ = continuous_terms(diffusion, x_rep, times)
+        else:
+            T = grid.shape[0]
+            index = torch.randint(2, T + 1, (n * B,), device=x0.device)
+            terms = (T - 1) * step_terms(diffusion, x_rep, grid[index - 2], grid[index - 1])
+        terms = terms + decoder_term(diffusion, x_rep, gamma_1)
+        columns.append(terms.reshape(n, B).to(torch.float64))
+    return torch.cat(columns, 0).transpose(0, 1) + prior[:, None]
+
+
+def bound(
+    diffusion, x0: torch.Tensor, *, num_steps: int | None = 0, num_times: int = 128, bits: bool = True, **kwargs
+) -> BoundEstimate:
+    """Monte Carlo −ELBO per datum with standard errors from ``num_times`` draws of the
+    one-step estimator (:func:`bound_samples`), in bits per dimension (``bits``) or nats."""
+    samples = bound_samples(diffusion, x0, num_steps=num_steps, num_times=num_times, **kwargs)
+    if bits:
+        samples = samples / (diffusion.event_size * math.log(2))
+    variance = samples.var(1)
+    return BoundEstimate(samples.mean(1), (variance / num_times).sqrt(), variance, num_times)
+
+
+def nll(diffusion, x0: torch.Tensor, *, num_steps: int | None = None, num_times: int = 128, **kwargs) -> torch.Tensor:
+    """−ELBO(x_0) per datum in bits per dimension, ``(B,)``: on a grid (``num_steps`` None or
+    T) every step's term once (:func:`vlb_terms`); in continuous time (``num_steps=0``) the mean
+    of ``num_times`` draws (:func:`bound`)."""
+    if num_steps == 0 and not isinstance(num_steps, bool):
+        return bound(diffusion, x0, num_steps=0, num_times=num_times, **kwargs).mean
+    if num_steps is not None:
+        check_num_steps(num_steps)
+    return bits_per_dim(diffusion, vlb_terms(diffusion, x0, num_steps=num_steps, **kwargs))
+
+
+__all__ += ["continuous_terms", "CHUNK_ELEMENTS"]

@@ -1,6 +1,11 @@
-"""The decoder p_θ(x_0 | x_1): Gaussian, or discretized Gaussian for K-level data.
+"""The decoder p_θ(x_0 | x_1): its choices, and the discretized Gaussian for K-level data.
 
-The discretized decoder (DDPM, DESIGN.md §6) is for data taking K evenly spaced levels in
+:data:`DECODERS` names where the decoder is centred and how wide it is (see
+:class:`~pyro_diffusion.diffusion.Diffusion`): ``"plain"`` (z_1/α_1, scale σ_1/α_1, VDM's),
+``"network"`` (the network's x̂, scale σ_1/α_1 · e^s with s learned) and ``"ddpm"`` (x̂, DDPM's
+clipped variance β̃_2).  Its family is Gaussian, or for K-level data discretized.
+
+The discretized decoder (DDPM) is for data taking K evenly spaced levels in
 [−1, 1]: the probability of level ``x`` is the Gaussian mass of the bin
 ``[x − 1/(K−1), x + 1/(K−1)]``, with the bins at ±1 opened to ±∞.  Its ``log_prob`` is a
 log-probability mass, so −ELBO/(D ln 2) is a true code length in bits per dimension.
@@ -14,9 +19,9 @@ import pyro.distributions as dist
 import torch
 from torch.distributions import constraints
 
-__all__ = ["DiscretizedGaussian", "decoder_distribution", "DECODERS"]
+__all__ = ["DiscretizedGaussian", "DECODERS"]
 
-DECODERS = ("gaussian", "discretized")
+DECODERS = ("plain", "network", "ddpm")
 
 
 def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
@@ -93,15 +98,3 @@ class DiscretizedGaussian(dist.TorchDistribution):
         """The level nearest the mean, a noiseless decoding."""
         levels = self.num_levels - 1
         return torch.round((self.loc.clamp(-1, 1) + 1) / 2 * levels) / levels * 2 - 1
-
-
-def decoder_distribution(decoder: str, loc, log_variance, num_levels: int | None = None):
-    """The (batch-shaped, not yet ``to_event``) decoder distribution of x_0 given x_1."""
-    scale = torch.exp(0.5 * log_variance).expand_as(loc)
-    if decoder == "gaussian":
-        return dist.Normal(loc, scale)
-    if decoder == "discretized":
-        if num_levels is None:
-            raise ValueError("decoder='discretized' needs num_levels=K (e.g. 256, or 17 for digits)")
-        return DiscretizedGaussian(loc, scale, num_levels)
-    raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")

@@ -1,10 +1,24 @@
-r"""``GaussianDiffusion``: the configuration of a DDPM and the Pyro model and guide it defines.
+r"""``Diffusion``: one diffusion model on a grid of noise levels, and the Pyro model and guide
+it defines.
 
-It wires the pieces together: a :class:`~pyro_diffusion.schedule.NoiseSchedule`, a denoiser
-network ``denoiser(x_t, t)``, a mean and variance parameterization
-(:mod:`~pyro_diffusion.parameterization`), and a decoder (:mod:`~pyro_diffusion.decoders`).
-The chains themselves are in :mod:`~pyro_diffusion.chains`, the bound in
-:mod:`~pyro_diffusion.bound`, the samplers in :mod:`~pyro_diffusion.sampling`.
+A diffusion is a denoiser network, a :mod:`schedule <pyro_diffusion.schedules>` of noise levels
+γ = −log SNR, a mean parameterization and a reverse variance
+(:mod:`~pyro_diffusion.parameterization`), and a decoder p(x_0 | x_1)
+(:mod:`~pyro_diffusion.decoders`).  Everything is written through γ: the forward marginal
+q(z | x) = N(α x, σ² I), the posterior q(z_s | z_t, x) and the reverse step p_θ(z_s | z_t) of a
+step from γ_t down to γ_s.  A DDPM is the case of a tabulated schedule on its T steps; a
+continuous-time model (VDM) is a schedule that is a function of time, evaluated on any grid or
+in the limit T → ∞.  The number of steps is a choice of the estimator and of the sampler
+(``num_steps``), not of the model: ``None`` is the model's own grid, an integer T a T-level
+grid (for a tabulated schedule, evenly spaced levels of its own: respacing), ``0`` continuous
+time.
+
+**The network** is called as ``denoiser(z, level)`` with ``z`` of shape ``(B, *event_shape)``
+and ``level`` a float tensor ``(B,)``: the noise level γ (or, with ``anchor``, γ − γ(0) + anchor).
+It returns ``(B, *event_shape)`` — ε̂, x̂ or v̂ as ``mean`` says — or, for
+``variance="learned"``, twice as many entries along dim 1 (the mean part first, then the
+interpolation in [−1, 1]).  A network written for integer DDPM steps goes in through
+:class:`~pyro_diffusion.nets.StepIndexed`.
 """
 
 from __future__ import annotations
@@ -18,18 +32,25 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from . import chains
-from .decoders import DECODERS, decoder_distribution
+from .decoders import DECODERS, DiscretizedGaussian
 from .parameterization import (
     MEANS,
     VARIANCES,
-    model_log_variance,
-    model_mean,
-    predict_eps,
-    split_output,
+    Prediction,
+    alpha_sigma_log,
+    broadcast,
+    posterior_mean,
+    predict,
+    predict_from_mean,
+    reverse_log_variance,
+    step_coefficients,
 )
-from .schedule import NoiseSchedule
+from .schedules import NoiseSchedule, Schedule, check_num_steps
 
-__all__ = ["GaussianDiffusion", "check_event_shape", "check_batch", "register_module"]
+__all__ = ["Diffusion", "GaussianDiffusion", "check_event_shape", "check_batch"]
+
+#: the default grid size for schedules without a native grid
+DEFAULT_NUM_STEPS = 1000
 
 
 def check_event_shape(event_shape) -> torch.Size:
@@ -39,16 +60,13 @@ def check_event_shape(event_shape) -> torch.Size:
     except TypeError as error:
         raise TypeError(f"event_shape: expected a tuple of ints, got {event_shape!r}") from error
     if len(event_shape) == 0 or any(d < 1 for d in event_shape):
-        raise ValueError(
-            f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}"
-        )
+        raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
     return event_shape
 
 
 def check_batch(x0, event_shape: torch.Size, device=None, argument: str = "x0") -> torch.Tensor:
     """Refuse ``x0`` unless it is a float tensor of shape ``(B, *event_shape)`` (on ``device``
-    when given); with Pyro's validation on (the default) also refuse NaN or infinite values,
-    the one check that reads tensor values (``pyro.enable_validation(False)`` skips it)."""
+    when given); with Pyro's validation on (the default) also refuse NaN or infinite values."""
     if not isinstance(x0, torch.Tensor):
         raise TypeError(f"{argument}: expected a torch.Tensor, got {type(x0).__name__}")
     if not x0.is_floating_point():
@@ -59,90 +77,81 @@ def check_batch(x0, event_shape: torch.Size, device=None, argument: str = "x0") 
             f"for event_shape {tuple(event_shape)}, got {tuple(x0.shape)}"
         )
     if device is not None and x0.device != device:
-        raise ValueError(
-            f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)"
-        )
+        raise ValueError(f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)")
     if is_validation_enabled() and not torch.isfinite(x0).all():
         raise ValueError(f"{argument}: contains NaN or infinite values")
     return x0
 
 
-def register_module(name: str, module: nn.Module) -> None:
-    """``pyro.module(name, module)``, refusing to run when Pyro's param store already holds
-    parameters of the same name that are not this module's (a previous model of the same
-    name): Pyro would silently optimize those instead."""
-    held = pyro.get_param_store()._params
-    named = [(f"{name}$$${n}", p) for n, p in module.named_parameters()]  # one tree walk
-    for full, param in named:
-        if param.requires_grad and held.get(full, param) is not param:
-            raise RuntimeError(
-                f"Pyro's param store already holds {full!r} from another module; call "
-                f"pyro.clear_param_store() or give this {type(module).__name__} a different name="
-            )
-    if "$$$" in name or not all(p.requires_grad for _, p in named):
-        pyro.module(name, module)  # its name check, its warning on frozen parameters
-        return
-    for full, param in named:  # what pyro.module does here, without walking the tree again
-        pyro.param(full, param)
-
-
-class GaussianDiffusion(nn.Module):
-    r"""A denoising diffusion model p_θ(x_{0:T}) with its forward chain q(x_{1:T} | x_0).
+class Diffusion(nn.Module):
+    r"""A diffusion model p_θ(x_{0:T}) with its forward chain q(x_{1:T} | x_0), on noise levels.
 
     The reverse chain is the Pyro model :meth:`model` (sites ``x_T … x_1`` latent, ``x_0``
     observed) and the forward chain the Pyro guide :meth:`guide` over the same sites; with
-    :class:`pyro.infer.TraceMeanField_ELBO` they give the bound of DESIGN.md §2 term by term:
+    :class:`pyro.infer.TraceMeanField_ELBO` they give the bound term by term:
 
     .. math::
 
-        \mathrm{ELBO}(x_0) = \mathbb E_q \log p_θ(x_0|x_1) − \mathrm{KL}(q(x_T|x_0)\|p(x_T))
-            − \sum_{t=2}^T \mathbb E_q \mathrm{KL}(q(x_{t-1}|x_t,x_0)\|p_θ(x_{t-1}|x_t)).
+        −\mathrm{ELBO}(x_0) = −\mathbb E_q \log p_θ(x_0|x_1) + \mathrm{KL}(q(x_T|x_0)\|p(x_T))
+            + \sum_{t=2}^T \mathbb E_q \mathrm{KL}(q(x_{t-1}|x_t,x_0)\|p_θ(x_{t-1}|x_t)).
+
+    Given ``steps=`` (a :class:`~pyro_diffusion.chains.StepDraw`) both programs emit one step
+    per datum instead: the one-network-call estimator that :class:`~pyro_diffusion.losses.DiffusionELBO`
+    trains with (see :mod:`~pyro_diffusion.chains`).
 
     Args:
-        denoiser: any ``nn.Module`` called as ``denoiser(x_t, t)`` with ``x_t`` of shape
-            ``(B, *event_shape)`` and ``t`` a LongTensor ``(B,)`` of 1-based steps.  It returns
-            ``(B, *event_shape)``, or twice as many entries along dim 1 when
-            ``variance="learned"`` (mean part first, then the interpolation ``v ∈ [−1, 1]``).
-        schedule: the noise schedule.
+        denoiser: the network, ``denoiser(z, level)`` (module docstring).
+        schedule: a :class:`~pyro_diffusion.schedules.Schedule` (its parameters, if any, are
+            trained with the denoiser).
         event_shape: shape of one datum, e.g. ``(2,)`` or ``(1, 8, 8)``.
-        mean: ``"eps"`` (default), ``"x0"`` or ``"mu"``.
-        variance: ``"large"`` (default, σ_t² = β_t), ``"small"`` (β̃_t) or ``"learned"``.
-        decoder: ``"gaussian"`` (default) or ``"discretized"`` (needs ``num_levels``).
-        num_levels: K for K-level data in [−1, 1] (256 for 8-bit images, 17 for digits).
-        guide_order: default order of :meth:`guide`: ``"posterior"`` or ``"forward"``.
-        name: the name under which the parameters enter Pyro's param store, and the prefix
-            of the plate name; give two diffusions in one program different names.
-        autocast_dtype: run the denoiser under ``torch.autocast`` in this dtype (e.g.
-            ``torch.bfloat16``); its output is cast back to the data's dtype, so the bound's
-            arithmetic stays in float32 or higher.  ``None`` (default): no autocast.
+        mean: ``"eps"`` (default), ``"x0"``, ``"v"`` or ``"mu"``.
+        variance: ``"small"`` (default: the posterior's, β̃), ``"large"`` (β) or ``"learned"``.
+        decoder: p(x_0 | x_1) at the first level γ_1: ``"plain"`` (default, VDM's: centred at
+            z_1/α_1 with scale σ_1/α_1, no network), ``"network"`` (centred at the network's
+            x̂(z_1) with scale σ_1/α_1 · e^s, s a learned scalar) or ``"ddpm"`` (centred at x̂
+            with DDPM's variance β̃_2 of the model's own grid; for ``variance="learned"`` the
+            interpolation between β_1 and β̃_2).
+        num_levels: K for K-level data in [−1, 1] (a discretized decoder: 256 for 8-bit
+            images, 17 for scikit-learn's digits); None (default) for a Gaussian decoder.
+        num_steps: the model's own grid size T (default: the schedule's native grid, else 1000).
+        guide_order: default order of :meth:`guide`, ``"posterior"`` or ``"forward"``.
+        name: the name of the parameters in Pyro's param store and the prefix of the plate
+            name; give two diffusions in one program different names.
+        anchor: None (default): the network sees γ.  A float a: it sees γ − γ(0) + a, the noise
+            level measured from the schedule's own γ_min, so that with a learned γ_min the
+            network's input at the data end stays at a.
+        autocast_dtype: run the network under ``torch.autocast`` in this dtype (e.g.
+            ``torch.bfloat16``); its output is cast back, so the bound's arithmetic stays in
+            the data's dtype.
 
     Example::
 
-        >>> schedule = NoiseSchedule.linear(100)
-        >>> diffusion = GaussianDiffusion(MLPDenoiser(2), schedule, (2,))
-        >>> svi = SVI(diffusion.model, diffusion.guide, Adam({"lr": 1e-3}), TraceMeanField_ELBO())
+        >>> diffusion = Diffusion(MLPDenoiser(2), LinearGamma(-10, 8), (2,), num_steps=100)
+        >>> svi = SVI(diffusion.model, diffusion.guide, Adam({"lr": 1e-3}), DiffusionELBO())
         >>> svi.step(x0)  # x0 of shape (B, 2)
     """
 
     def __init__(
         self,
         denoiser: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: Schedule,
         event_shape: tuple[int, ...] | torch.Size,
         *,
         mean: str = "eps",
-        variance: str = "large",
-        decoder: str = "gaussian",
+        variance: str = "small",
+        decoder: str = "plain",
         num_levels: int | None = None,
+        num_steps: int | None = None,
         guide_order: str = "posterior",
         name: str = "diffusion",
+        anchor: float | None = None,
         autocast_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(denoiser, nn.Module):
             raise TypeError(f"denoiser: expected an nn.Module, got {type(denoiser).__name__}")
-        if not isinstance(schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a Schedule (pyro_diffusion.schedules), got {type(schedule).__name__}")
         event_shape = check_event_shape(event_shape)
         if mean not in MEANS:
             raise ValueError(f"mean: expected one of {MEANS}, got {mean!r}")
@@ -150,10 +159,21 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
-        if decoder == "discretized" and (not isinstance(num_levels, int) or num_levels < 2):
-            raise ValueError(f"num_levels: decoder='discretized' needs an integer K >= 2, got {num_levels!r}")
+        if num_levels is not None and (isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2):
+            raise ValueError(f"num_levels: expected None or an integer K >= 2, got {num_levels!r}")
         if guide_order not in chains.GUIDE_ORDERS:
             raise ValueError(f"guide_order: expected one of {chains.GUIDE_ORDERS}, got {guide_order!r}")
+        if anchor is not None and (
+            isinstance(anchor, bool) or not isinstance(anchor, (int, float)) or not math.isfinite(anchor)
+        ):
+            raise ValueError(f"anchor: expected None or a finite float, got {anchor!r}")
+        if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+        if num_steps is None:
+            num_steps = schedule.num_steps or DEFAULT_NUM_STEPS
+        check_num_steps(num_steps)
+        if decoder == "ddpm" and num_steps < 2 and variance != "learned":
+            pass  # T = 1 has no β̃_2: the decoder falls back on β_1 (decoder_distribution)
         self.denoiser = denoiser
         self.schedule = schedule
         self.event_shape = event_shape
@@ -161,15 +181,15 @@ class GaussianDiffusion(nn.Module):
         self.variance = variance
         self.decoder = decoder
         self.num_levels = num_levels
+        self.num_steps = num_steps
         self.guide_order = guide_order
         self.name = name
+        self.anchor = None if anchor is None else float(anchor)
         self.autocast_dtype = autocast_dtype
+        if decoder == "network":
+            self.decoder_log_scale = nn.Parameter(torch.zeros(()))
 
     # ------------------------------------------------------------------ configuration
-    @property
-    def num_steps(self) -> int:
-        return self.schedule.num_steps
-
     @property
     def event_dims(self) -> int:
         return len(self.event_shape)
@@ -183,6 +203,25 @@ class GaussianDiffusion(nn.Module):
     def plate_name(self) -> str:
         return f"{self.name}.data"
 
+    @property
+    def device(self) -> torch.device:
+        for tensor in (*self.parameters(), *self.buffers()):
+            return tensor.device
+        return torch.device("cpu")
+
+    @property
+    def decoder_uses_network(self) -> bool:
+        return self.decoder != "plain"
+
+    def grid(self, num_steps: int | None = None) -> torch.Tensor:
+        """γ_1 < … < γ_T of the grid ``num_steps`` (None: the model's own), float64."""
+        if num_steps is None:
+            num_steps = self.num_steps
+        check_num_steps(num_steps)
+        if num_steps == self.num_steps and self.schedule.num_steps == num_steps:
+            return self.schedule.grid()
+        return self.schedule.grid(num_steps)
+
     def config(self) -> dict:
         """A JSON-able description of the configuration (not the weights)."""
         return {
@@ -192,130 +231,293 @@ class GaussianDiffusion(nn.Module):
             "variance": self.variance,
             "decoder": self.decoder,
             "num_levels": self.num_levels,
+            "schedule": type(self.schedule).__name__,
             "denoiser": type(self.denoiser).__name__,
         }
 
     # ------------------------------------------------------------------ validation
     def check_data(self, x0: torch.Tensor, argument: str = "x0") -> torch.Tensor:
-        """Refuse data that is not a float tensor of shape ``(B, *event_shape)`` on the
-        schedule's device (and, with Pyro's validation on, data containing NaN/inf)."""
-        return check_batch(x0, self.event_shape, self.schedule.betas.device, argument)
+        """Refuse data that is not a float tensor of shape ``(B, *event_shape)`` on the model's
+        device (and, with Pyro's validation on, data containing NaN/inf)."""
+        return check_batch(x0, self.event_shape, self.device, argument)
 
-    def check_steps(self, t: torch.Tensor, batch: int | None = None, argument: str = "t") -> torch.Tensor:
-        if not isinstance(t, torch.Tensor) or t.dtype != torch.long:
-            raise TypeError(f"{argument}: expected a LongTensor of 1-based steps, got {t!r:.80}")
-        if t.dim() != 1 or (batch is not None and t.shape[0] != batch):
-            raise ValueError(
-                f"{argument}: expected shape ({batch if batch is not None else 'batch'},), got {tuple(t.shape)}"
-            )
-        if is_validation_enabled() and ((t < 1).any() or (t > self.num_steps).any()):
-            raise ValueError(
-                f"{argument}: steps must lie in 1..{self.num_steps} (1-based), got values in "
-                f"{int(t.min())}..{int(t.max())}"
-            )
-        return t
+    def _check_num_steps(self, num_steps, allow_continuous: bool) -> int:
+        if num_steps is None:
+            return self.num_steps
+        if allow_continuous and num_steps == 0 and not isinstance(num_steps, bool):
+            return 0
+        return check_num_steps(num_steps)
 
     # ------------------------------------------------------------------ the network
-    def denoise(self, x_t: torch.Tensor, t: torch.Tensor):
-        """Run the denoiser; returns (mean output, variance output or None)."""
+    def network_level(self, gamma: torch.Tensor) -> torch.Tensor:
+        """The noise level the network sees: γ, or γ − γ(0) + anchor."""
+        if self.anchor is None:
+            return gamma
+        gamma0, _ = self.schedule.endpoints()
+        return gamma - gamma0.to(gamma.dtype) + self.anchor
+
+    def denoise(self, z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the network at ``z`` ``(*batch, *event_shape)`` and levels ``gamma`` (a scalar or
+        ``(*batch,)``); returns (mean output, variance output or None), both z's shape."""
+        lead = z.shape[: z.dim() - self.event_dims]
+        if tuple(z.shape[z.dim() - self.event_dims :]) != tuple(self.event_shape):
+            raise ValueError(f"z: expected trailing shape {tuple(self.event_shape)}, got {tuple(z.shape)}")
+        flat = z.reshape(-1, *self.event_shape)
+        level = self.network_level(gamma.to(torch.float64)).expand(lead).reshape(-1).to(z.dtype)
         if self.autocast_dtype is None:
-            output = self.denoiser(x_t, t)
+            output = self.denoiser(flat, level)
         else:
-            with torch.autocast(x_t.device.type, dtype=self.autocast_dtype):
-                output = self.denoiser(x_t, t)
-            output = output.to(x_t.dtype)
-        expected = (x_t.shape[0], *self.event_shape)
-        if self.variance == "learned":
-            expected = (x_t.shape[0], 2 * self.event_shape[0], *self.event_shape[1:])
+            with torch.autocast(flat.device.type, dtype=self.autocast_dtype):
+                output = self.denoiser(flat, level)
+            output = output.to(z.dtype)
+        channels = self.event_shape[0] * (2 if self.variance == "learned" else 1)
+        expected = (flat.shape[0], channels, *self.event_shape[1:])
         if tuple(output.shape) != expected:
             raise ValueError(
                 f"denoiser: returned shape {tuple(output.shape)}, expected {expected}"
-                + (
-                    " (mean and variance stacked on dim 1 for variance='learned')"
-                    if self.variance == "learned"
-                    else ""
-                )
+                + (" (mean and variance stacked on dim 1 for variance='learned')" if self.variance == "learned" else "")
             )
-        return split_output(output, self.variance)
+        if self.variance == "learned":
+            mean_part, variance_part = output.chunk(2, dim=1)
+            return mean_part.reshape(z.shape), variance_part.reshape(z.shape)
+        return output.reshape(z.shape), None
 
-    def reverse_mean_log_variance(self, x_t: torch.Tensor, t: torch.Tensor):
-        """(μ_θ(x_t, t), log σ_t², ε̂_θ(x_t, t)) for p_θ(x_{t-1} | x_t)."""
-        mean_output, variance_output = self.denoise(x_t, t)
-        loc = model_mean(self.schedule, self.mean, x_t, t, mean_output)
-        log_var = model_log_variance(self.schedule, self.variance, t, x_t, variance_output)
-        return loc, log_var, mean_output
+    def predict(
+        self, z: torch.Tensor, gamma: torch.Tensor, gamma_s: torch.Tensor | None = None
+    ) -> tuple[Prediction, torch.Tensor | None]:
+        """The network's (x̂, ε̂) at ``z`` and level ``gamma`` (``gamma_s``: the lower level, needed
+        for ``mean="mu"``), and its variance output (or None)."""
+        output, variance_output = self.denoise(z, gamma)
+        gamma = _levels(gamma, z, self.event_dims)
+        if self.mean == "mu":
+            if gamma_s is None:
+                raise ValueError("mean: 'mu' predicts the mean of one discrete step; it has no continuous-time form")
+            return predict_from_mean(output, z, _levels(gamma_s, z, self.event_dims), gamma), variance_output
+        return predict(self.mean, output, z, gamma), variance_output
 
-    def reverse_distribution(self, x_t: torch.Tensor, t: torch.Tensor, *, decode: bool = False):
-        """p_θ(x_{t-1} | x_t), batch-shaped: a Normal, or the decoder p_θ(x_0 | x_1) when
-        ``decode`` (the caller says so, so no tensor value is read back from the device).
-        For steps that differ across the batch see :func:`pyro_diffusion.bound.step_terms`."""
-        loc, log_var, _ = self.reverse_mean_log_variance(x_t, t)
-        if decode:
-            return decoder_distribution(self.decoder, loc, log_var, self.num_levels)
-        return dist.Normal(loc, torch.exp(0.5 * log_var).expand_as(loc))
+    # ------------------------------------------------------------------ the distributions
+    def marginal(self, x0: torch.Tensor, gamma: torch.Tensor) -> chains.ForwardMarginal:
+        """q(z | x_0) = N(α x_0, σ² I) at level ``gamma`` (scalar or per datum), batch-shaped."""
+        log_a2, log_s2 = alpha_sigma_log(_levels(gamma, x0, self.event_dims).to(torch.float64))
+        alpha = broadcast(torch.exp(0.5 * log_a2), x0)
+        sigma = broadcast(torch.exp(0.5 * log_s2), x0)
+        log_variance = log_s2 if log_s2.dim() == 0 else log_s2.reshape(log_s2.shape + (1,) * self.event_dims)
+        return chains.ForwardMarginal(alpha * x0, sigma.expand_as(x0), log_variance)
 
-    def predict_eps(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """ε̂_θ(x_t, t) under any mean parameterization."""
-        mean_output, _ = self.denoise(x_t, t)
-        return predict_eps(self.schedule, self.mean, x_t, t, mean_output)
+    def noise_of(self, x0: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        """ε = (z − α x_0)/σ, the noise that takes x_0 to z at level ``gamma``."""
+        log_a2, log_s2 = alpha_sigma_log(_levels(gamma, z, self.event_dims).to(torch.float64))
+        return (z - broadcast(torch.exp(0.5 * log_a2), z) * x0) / broadcast(torch.exp(0.5 * log_s2), z)
+
+    def forward_step(self, x0, z_t, gamma_s, gamma_t, eps: torch.Tensor | None = None) -> chains.ForwardStep:
+        """q(z_s | z_t, x_0), batch-shaped, for levels γ_s < γ_t (scalars or per datum)."""
+        gamma_s, gamma_t = _levels(gamma_s, z_t, self.event_dims), _levels(gamma_t, z_t, self.event_dims)
+        coef = step_coefficients(gamma_s, gamma_t, z_t)
+        if eps is None:
+            eps = self.noise_of(x0, z_t, gamma_t)
+        scale = torch.exp(0.5 * coef.log_small).expand_as(z_t)
+        return chains.ForwardStep(posterior_mean(coef, x0, z_t), scale, eps, coef)
+
+    def forward_transition(self, z_prev, gamma_prev, gamma_t) -> chains.ForwardTransition:
+        """q(z_t | z_prev) = N(α_t/α_prev · z_prev, c σ_t²), the forward-order kernel."""
+        gamma_prev, gamma_t = _levels(gamma_prev, z_prev, self.event_dims), _levels(gamma_t, z_prev, self.event_dims)
+        coef = step_coefficients(gamma_prev, gamma_t, z_prev)
+        log_a2_p, _ = alpha_sigma_log(gamma_prev.to(torch.float64))
+        log_a2_t, _ = alpha_sigma_log(gamma_t.to(torch.float64))
+        ratio = broadcast(torch.exp(0.5 * (log_a2_t - log_a2_p)), z_prev)
+        return chains.ForwardTransition(ratio * z_prev, torch.exp(0.5 * coef.log_large).expand_as(z_prev))
+
+    def reverse_step(
+        self,
+        z_t: torch.Tensor,
+        gamma_s: torch.Tensor,
+        gamma_t: torch.Tensor,
+        *,
+        prediction: tuple[Prediction, torch.Tensor | None] | None = None,
+        detach_mean: bool = False,
+    ) -> tuple[chains.ReverseStep, tuple[Prediction, torch.Tensor | None]]:
+        """p_θ(z_s | z_t) (batch-shaped, z_t's shape) and the network's (prediction, variance
+        output) at z_t, for z_t of any leading shape and levels γ_s < γ_t (scalars or per datum)."""
+        if prediction is None:
+            prediction = self.predict(z_t, gamma_t, gamma_s)
+        estimate, variance_output = prediction
+        gamma_s, gamma_t = _levels(gamma_s, z_t, self.event_dims), _levels(gamma_t, z_t, self.event_dims)
+        coef = step_coefficients(gamma_s, gamma_t, z_t)
+        x0_hat, eps_hat = estimate
+        if detach_mean:
+            x0_hat, eps_hat = x0_hat.detach(), eps_hat.detach()
+        log_var = reverse_log_variance(self.variance, coef, variance_output)
+        scale = torch.exp(0.5 * log_var).expand_as(z_t)
+        step = chains.ReverseStep(posterior_mean(coef, x0_hat, z_t), scale, eps_hat, log_var, self.variance == "small")
+        return step, prediction
+
+    def decoder_distribution(
+        self,
+        z_1: torch.Tensor,
+        gamma_1: torch.Tensor,
+        prediction: Prediction | None = None,
+        variance_output: torch.Tensor | None = None,
+        *,
+        detach_mean: bool = False,
+    ):
+        """p(x_0 | z_1) at the first level ``gamma_1`` (batch-shaped, z_1's shape): Gaussian, or
+        discretized to K levels; its location and scale as ``decoder`` says (class docstring).
+        ``prediction``/``variance_output``: the network's outputs at z_1 when already computed."""
+        gamma_1 = _levels(gamma_1, z_1, self.event_dims).to(torch.float64)
+        log_a2, log_s2 = alpha_sigma_log(gamma_1)
+        if self.decoder == "plain":
+            loc = z_1 / broadcast(torch.exp(0.5 * log_a2), z_1)
+            log_var = broadcast(gamma_1, z_1)
+        else:
+            if prediction is None:
+                prediction, variance_output = self.predict(z_1, gamma_1, gamma_1.new_tensor(-math.inf))
+            loc = prediction.x0.detach() if detach_mean else prediction.x0
+            if self.decoder == "network":
+                log_var = broadcast(gamma_1, z_1) + 2 * self.decoder_log_scale.to(z_1.dtype)
+            else:  # "ddpm": β̃_2 of the model's own grid, or the learned interpolation with β_1
+                log_small = self._ddpm_decoder_log_variance().to(z_1.dtype)
+                if self.variance == "learned":
+                    fraction = (variance_output + 1) / 2
+                    log_var = fraction * broadcast(log_s2, z_1) + (1 - fraction) * log_small
+                else:
+                    log_var = log_small
+        scale = torch.exp(0.5 * log_var).expand_as(z_1)
+        if self.num_levels is None:
+            return dist.Normal(loc, scale)
+        return DiscretizedGaussian(loc, scale, self.num_levels)
+
+    def _ddpm_decoder_log_variance(self) -> torch.Tensor:
+        """log β̃_2 of the model's own grid (DDPM's clipped log-variance at t = 1; β_1 when T = 1)."""
+        grid = self.grid()
+        if grid.shape[0] < 2:
+            return alpha_sigma_log(grid[0])[1]
+        return step_coefficients(grid[0], grid[1], grid[0]).log_small
 
     # ------------------------------------------------------------------ Pyro programs
     def register(self) -> None:
-        """Enter the trainable parameters into Pyro's param store under ``name``; see
-        :func:`register_module` (refuses stale parameters of the same name)."""
-        register_module(self.name, self)
+        """Enter the trainable parameters into Pyro's param store under ``name`` (what
+        ``pyro.module`` does), refusing to run when the store already holds parameters of the
+        same name that are not this module's: Pyro would silently optimize those instead.
+        Nothing to do under ``pyro.settings.set(module_local_params=True)``."""
+        if pyro.settings.get("module_local_params"):
+            return
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            full = f"{self.name}$$${name}"
+            if pyro.param(full, param) is not param:
+                raise RuntimeError(
+                    f"Pyro's param store already holds {full!r} from another module; call "
+                    f"pyro.clear_param_store() or give this {type(self).__name__} a different name="
+                )
 
-    def model(self, x0: torch.Tensor | None = None, *, num_samples: int | None = None, **kwargs):
-        """The reverse chain p_θ(x_{0:T}) as a Pyro model; observes ``x0`` when given,
-        otherwise generates ``num_samples`` data.  Returns x_0."""
+    def model(
+        self,
+        x0: torch.Tensor | None = None,
+        *,
+        num_samples: int | None = None,
+        num_steps: int | None = None,
+        steps: chains.StepDraw | None = None,
+        **kwargs,
+    ):
+        """The reverse chain p_θ(x_{0:T}) on the grid ``num_steps`` as a Pyro model; observes
+        ``x0`` when given, otherwise generates ``num_samples`` data.  With ``steps``, the
+        step-restricted form (``num_steps=0``: continuous time).  Returns x_0."""
         if x0 is None:
-            if not isinstance(num_samples, int) or num_samples < 1:
+            if steps is not None:
+                raise ValueError("x0: the step-restricted model needs data; got None")
+            if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
                 raise ValueError(f"num_samples: expected a positive int when x0 is None, got {num_samples!r}")
         else:
             self.check_data(x0)
         self.register()
-        return chains.reverse_model(self, x0, num_samples)
+        if steps is not None:
+            T = self._check_num_steps(num_steps, allow_continuous=True)
+            levels = steps.levels(self, T, x0.shape[0], x0.device)
+            return chains.step_model(self, x0, levels, detach_mean=steps.detach_mean)
+        T = self._check_num_steps(num_steps, allow_continuous=False)
+        return chains.reverse_model(self, x0, num_samples, self.grid(T))
 
     def guide(
         self,
         x0: torch.Tensor | None = None,
         *,
         num_samples: int | None = None,
+        num_steps: int | None = None,
+        steps: chains.StepDraw | None = None,
         order: str | None = None,
         **kwargs,
     ):
-        """The forward chain q(x_{1:T} | x_0) as a Pyro guide (``order`` "posterior" — the
-        default, exact under ``TraceMeanField_ELBO`` — or "forward").  Returns ``{t: x_t}``."""
+        """The forward chain q(x_{1:T} | x_0) as a Pyro guide (``order`` "posterior", the
+        default and exact under ``TraceMeanField_ELBO``, or "forward"); with ``steps``, the
+        step-restricted form.  Returns ``{t: x_t}`` (full chain) or the step's x_t."""
         if x0 is None:
             raise ValueError("x0: the guide q(x_{1:T} | x_0) needs data; got None")
         self.check_data(x0)
-        return chains.forward_guide(
-            self.schedule, x0, self.event_dims, order or self.guide_order, plate_name=self.plate_name
-        )
-
-    def model_module(self) -> chains.ReverseChain:
-        """The model as an ``nn.Module`` (for ``ELBOModule`` and plain PyTorch loops)."""
-        return chains.ReverseChain(self)
-
-    def guide_module(self, order: str | None = None) -> chains.ForwardChain:
-        """The guide as an ``nn.Module`` with no parameters of its own."""
-        return chains.ForwardChain(self, order or self.guide_order)
+        self.register()
+        if steps is not None:
+            T = self._check_num_steps(num_steps, allow_continuous=True)
+            return chains.step_guide(self, x0, steps.levels(self, T, x0.shape[0], x0.device))
+        T = self._check_num_steps(num_steps, allow_continuous=False)
+        return chains.forward_guide(self, x0, self.grid(T), order or self.guide_order)
 
     # ------------------------------------------------------------------ bound and sampling
     def vlb_terms(self, x0: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Per-datum terms ``(B, T + 1)`` in nats, column i = L_i; see :func:`bound.vlb_terms`."""
+        """Per-datum terms ``(B, T + 1)`` in nats; see :func:`pyro_diffusion.bound.vlb_terms`."""
         from .bound import vlb_terms
 
         return vlb_terms(self, x0, **kwargs)
 
     def nll(self, x0: torch.Tensor, **kwargs) -> torch.Tensor:
-        """Per-datum negative ELBO in bits per dimension, shape ``(B,)``."""
-        from .bound import bits_per_dim
+        """Per-datum negative ELBO in bits per dimension, ``(B,)``; see
+        :func:`pyro_diffusion.bound.nll` (``num_steps=0``: continuous time)."""
+        from .bound import nll
 
-        return bits_per_dim(self, self.vlb_terms(x0, **kwargs))
+        return nll(self, x0, **kwargs)
 
     def sample(self, num_samples: int, **kwargs) -> torch.Tensor:
-        """``num_samples`` draws by ancestral sampling; see :func:`sampling.ancestral_sample`."""
-        from .sampling import ancestral_sample
+        """``num_samples`` draws; see :func:`pyro_diffusion.samplers.sample`."""
+        from .samplers import sample
 
-        return ancestral_sample(self, num_samples, **kwargs)
+        return sample(self, num_samples, **kwargs)
+
+
+def _levels(gamma, like: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """γ as a float64 tensor: a number or 0-d tensor stays a scalar; per-datum values keep
+    their shape (the batch dimensions of ``like``)."""
+    if not isinstance(gamma, torch.Tensor):
+        return torch.tensor(float(gamma), dtype=torch.float64, device=like.device)
+    return gamma.to(torch.float64)
+
+
+def GaussianDiffusion(
+    denoiser: nn.Module,
+    schedule: NoiseSchedule,
+    event_shape,
+    *,
+    mean: str = "eps",
+    variance: str = "large",
+    decoder: str = "gaussian",
+    num_levels: int | None = None,
+    **kwargs,
+) -> Diffusion:
+    """A DDPM (Ho et al. 2020) as a :class:`Diffusion`: a tabulated schedule on its T steps, the
+    network's x̂ as the decoder's location with DDPM's clipped variance β̃_2, ``variance="large"``
+    (σ_t² = β_t) by default.  ``decoder``: ``"gaussian"`` or ``"discretized"`` (needs
+    ``num_levels``)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
+    if decoder not in ("gaussian", "discretized"):
+        raise ValueError(f"decoder: expected 'gaussian' or 'discretized', got {decoder!r}")
+    if decoder == "discretized" and (isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2):
+        raise ValueError(f"num_levels: decoder='discretized' needs an integer K >= 2, got {num_levels!r}")
+    return Diffusion(
+        denoiser,
+        schedule,
+        event_shape,
+        mean=mean,
+        variance=variance,
+        decoder="ddpm",
+        num_levels=num_levels if decoder == "discretized" else None,
+        **kwargs,
+    )

@@ -1,108 +1,142 @@
-"""Mean and variance parameterizations of the reverse step p_θ(x_{t-1} | x_t).
+r"""What the network predicts, and the reverse step's variance, as functions of noise levels.
 
-Small functions of ``(schedule, x_t, t, network output)``; DESIGN.md §1 and §6.
+For a step from level γ_t down to γ_s (γ_s < γ_t) write ``c = −expm1(γ_s − γ_t)`` and
+α, σ as in :func:`~pyro_diffusion.schedules.alpha_sigma`.  The forward posterior is
 
-Means:
-    ``"eps"``: μ_θ = (x_t − β_t/√(1−ᾱ_t) · ε_θ) / √α_t
-    ``"x0"``:  μ_θ = μ̃_t(x̂_0, x_t)
-    ``"mu"``:  μ_θ is the network output itself
+    q(z_s | z_t, x) = N(α_s (1 − c) z_t / α_t + α_s c x,  c σ_s² I),
 
-Variances (log σ_t²):
-    ``"small"``: log β̃_t, ``"large"``: log β_t, both with step 1 replaced by log β̃_2;
-    ``"learned"``: v log β_t + (1 − v) log β̃_t (clipped), v = (o + 1)/2 for the
-    network's second output o (Improved DDPM).
+and the reverse step p_θ(z_s | z_t) = N(μ̃(x̂_θ, z_t), σ²_θ I) plugs the network's estimate x̂_θ
+of x into the posterior mean.  On a DDPM grid (s = t − 1) ``c σ_s² = β̃_t`` and ``c σ_t² = β_t``.
+
+Means (:data:`MEANS`), the network's output ``o`` read as:
+    ``"eps"``: ε̂ = o;  ``"x0"``: x̂ = o;  ``"v"``: v̂ = o with v = α ε − σ x (so x̂ = α z − σ v̂,
+    ε̂ = σ z + α v̂);  ``"mu"``: o is the reverse mean μ itself (discrete steps only).
+
+Variances (:data:`VARIANCES`), log σ²_θ as a function of (γ_s, γ_t):
+    ``"small"``: log(c σ_s²) (the posterior's, β̃_t);  ``"large"``: log(c σ_t²) (the
+    transition's, β_t);  ``"learned"``: u log(c σ_t²) + (1 − u) log(c σ_s²) with u = (o_v + 1)/2
+    for the network's second output o_v (Improved DDPM).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
-
-from .schedule import NoiseSchedule
-
-MEANS = ("eps", "x0", "mu")
-VARIANCES = ("small", "large", "learned")
+from torch.nn import functional as F
 
 __all__ = [
     "MEANS",
     "VARIANCES",
-    "split_output",
-    "predict_x0_from_eps",
-    "predict_eps_from_x0",
+    "Prediction",
+    "alpha_sigma_log",
+    "step_coefficients",
+    "predict",
     "posterior_mean",
-    "model_mean",
-    "predict_eps",
-    "model_log_variance",
+    "reverse_log_variance",
 ]
 
-
-def split_output(output: torch.Tensor, variance: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Split the network output into (mean part, variance part) along dim 1 when learned."""
-    if variance != "learned":
-        return output, None
-    mean_part, var_part = output.chunk(2, dim=1)
-    return mean_part, var_part
+MEANS = ("eps", "x0", "v", "mu")
+VARIANCES = ("small", "large", "learned")
 
 
-def predict_x0_from_eps(schedule: NoiseSchedule, x_t, t, eps):
-    """x̂_0 = (x_t − √(1−ᾱ_t) ε) / √ᾱ_t."""
-    return (x_t - schedule.at("sqrt_one_minus_alphas_cumprod", t, x_t) * eps) / schedule.at(
-        "sqrt_alphas_cumprod", t, x_t
+class Prediction(NamedTuple):
+    """The network's estimates at z: x̂ (of the data) and ε̂ (of the noise), z's shape."""
+
+    x0: torch.Tensor
+    eps: torch.Tensor
+
+
+def broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-datum values ``(B,)`` (or a scalar) shaped to broadcast against ``(B, *event)``, in
+    ``like``'s dtype."""
+    values = values.to(like.dtype)
+    if values.dim() == 0:
+        return values
+    return values.reshape(values.shape + (1,) * (like.dim() - values.dim()))
+
+
+def alpha_sigma_log(gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log α², log σ²) = (logsigmoid(−γ), logsigmoid(γ)), stable at both ends."""
+    return F.logsigmoid(-gamma), F.logsigmoid(gamma)
+
+
+class StepCoefficients(NamedTuple):
+    """The posterior q(z_s | z_t, x) = N(keep·z_t + take·x, exp(log_small)) and the reverse
+    variances of one step, each broadcastable against the data (float64 in, data dtype out)."""
+
+    keep: torch.Tensor  # α_s (1 − c)/α_t
+    take: torch.Tensor  # α_s c
+    log_small: torch.Tensor  # log c σ_s²
+    log_large: torch.Tensor  # log c σ_t²
+    log_gap: torch.Tensor  # log((α_s c σ_t/α_t)²): mean gap (x − x̂) → (ε − ε̂), squared
+    expm1_delta: torch.Tensor  # expm1(γ_t − γ_s) = SNR_s/SNR_t − 1
+
+
+def step_coefficients(gamma_s: torch.Tensor, gamma_t: torch.Tensor, like: torch.Tensor) -> StepCoefficients:
+    """The coefficients of a step from γ_t down to γ_s (float64 tensors of shape ``(B,)`` or
+    scalars), computed in float64 and cast to ``like``'s dtype."""
+    gamma_s, gamma_t = gamma_s.to(torch.float64), gamma_t.to(torch.float64)
+    log_a2_s, log_s2_s = alpha_sigma_log(gamma_s)
+    log_a2_t, log_s2_t = alpha_sigma_log(gamma_t)
+    delta = gamma_t - gamma_s
+    log_c = torch.log(-torch.expm1(-delta))
+    keep = torch.exp(0.5 * (log_a2_s - log_a2_t) - delta)  # α_s (1 − c)/α_t with 1 − c = e^{−Δ}
+    take = torch.exp(0.5 * log_a2_s + log_c)
+    values = (
+        keep,
+        take,
+        log_c + log_s2_s,
+        log_c + log_s2_t,
+        log_a2_s + 2 * log_c + log_s2_t - log_a2_t,
+        torch.expm1(delta),
     )
+    return StepCoefficients(*(broadcast(v, like) for v in values))
 
 
-def predict_eps_from_x0(schedule: NoiseSchedule, x_t, t, x0):
-    """ε̂ = (x_t − √ᾱ_t x̂_0) / √(1−ᾱ_t)."""
-    return (x_t - schedule.at("sqrt_alphas_cumprod", t, x_t) * x0) / schedule.at(
-        "sqrt_one_minus_alphas_cumprod", t, x_t
-    )
-
-
-def posterior_mean(schedule: NoiseSchedule, x0, x_t, t):
-    """μ̃_t(x_0, x_t), the mean of q(x_{t-1} | x_t, x_0)."""
-    return (
-        schedule.at("posterior_mean_coef_x0", t, x_t) * x0
-        + schedule.at("posterior_mean_coef_xt", t, x_t) * x_t
-    )
-
-
-def model_mean(schedule: NoiseSchedule, mean: str, x_t, t, mean_output):
-    """μ_θ(x_t, t) from the network's mean output under parameterization ``mean``."""
+def predict(mean: str, output: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor) -> Prediction:
+    """(x̂, ε̂) at ``z`` (level ``gamma`` ``(B,)`` float64) from the network's mean output under
+    ``mean`` ∈ {"eps", "x0", "v"} (``"mu"`` needs the step: :func:`predict_from_mean`)."""
+    log_a2, log_s2 = alpha_sigma_log(gamma.to(torch.float64))
+    alpha, sigma = broadcast(torch.exp(0.5 * log_a2), z), broadcast(torch.exp(0.5 * log_s2), z)
     if mean == "eps":
-        coef = schedule.at("betas", t, x_t) / schedule.at("sqrt_one_minus_alphas_cumprod", t, x_t)
-        return (x_t - coef * mean_output) / schedule.at("alphas", t, x_t).sqrt()
+        return Prediction((z - sigma * output) / alpha, output)
     if mean == "x0":
-        return posterior_mean(schedule, mean_output, x_t, t)
+        return Prediction(output, (z - alpha * output) / sigma)
+    if mean == "v":
+        return Prediction(alpha * z - sigma * output, sigma * z + alpha * output)
     if mean == "mu":
-        return mean_output
+        raise ValueError("mean: 'mu' is defined per step; use predict_from_mean with the step's levels")
     raise ValueError(f"mean: expected one of {MEANS}, got {mean!r}")
 
 
-def predict_eps(schedule: NoiseSchedule, mean: str, x_t, t, mean_output):
-    """ε̂_θ(x_t, t) implied by the network's mean output (for L_simple under any mean)."""
-    if mean == "eps":
-        return mean_output
-    if mean == "x0":
-        return predict_eps_from_x0(schedule, x_t, t, mean_output)
-    if mean == "mu":
-        # invert μ = (x_t − β_t/√(1−ᾱ_t) ε) / √α_t
-        coef = schedule.at("betas", t, x_t) / schedule.at("sqrt_one_minus_alphas_cumprod", t, x_t)
-        return (x_t - schedule.at("alphas", t, x_t).sqrt() * mean_output) / coef
-    raise ValueError(f"mean: expected one of {MEANS}, got {mean!r}")
+def predict_from_mean(
+    output: torch.Tensor, z_t: torch.Tensor, gamma_s: torch.Tensor, gamma_t: torch.Tensor
+) -> Prediction:
+    """(x̂, ε̂) implied by a predicted reverse mean μ = keep·z_t + take·x̂ (``mean="mu"``)."""
+    coef = step_coefficients(gamma_s, gamma_t, z_t)
+    x0 = (output - coef.keep * z_t) / coef.take
+    log_a2, log_s2 = alpha_sigma_log(gamma_t.to(torch.float64))
+    alpha, sigma = broadcast(torch.exp(0.5 * log_a2), z_t), broadcast(torch.exp(0.5 * log_s2), z_t)
+    return Prediction(x0, (z_t - alpha * x0) / sigma)
 
 
-def model_log_variance(schedule: NoiseSchedule, variance: str, t, like, variance_output=None):
-    """log σ_t², broadcastable against ``like`` (shape ``(B, *event)``)."""
+def posterior_mean(coef: StepCoefficients, x0: torch.Tensor, z_t: torch.Tensor) -> torch.Tensor:
+    """μ̃(x, z_t) = keep·z_t + take·x, the mean of q(z_s | z_t, x)."""
+    return coef.keep * z_t + coef.take * x0
+
+
+def reverse_log_variance(
+    variance: str, coef: StepCoefficients, variance_output: torch.Tensor | None = None
+) -> torch.Tensor:
+    """log σ²_θ of the reverse step under ``variance``, broadcastable against the data."""
     if variance == "small":
-        return schedule.at("posterior_log_variance_clipped", t, like)
+        return coef.log_small
     if variance == "large":
-        log_betas = schedule.at("log_betas", t, like)
-        clipped = schedule.at("posterior_log_variance_clipped", t, like)
-        return torch.where(t.reshape(log_betas.shape) == 1, clipped, log_betas)
+        return coef.log_large
     if variance == "learned":
         if variance_output is None:
             raise ValueError("variance='learned' needs the network's variance output")
         fraction = (variance_output + 1) / 2
-        return fraction * schedule.at("log_betas", t, like) + (1 - fraction) * schedule.at(
-            "posterior_log_variance_clipped", t, like
-        )
+        return fraction * coef.log_large + (1 - fraction) * coef.log_small
     raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")

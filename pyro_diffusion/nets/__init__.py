@@ -1,7 +1,9 @@
-"""Denoiser networks ``denoiser(x_t, t)`` with 1-based integer steps t."""
+"""Networks called as ``network(z, γ)`` with γ the noise level, and the adapter for networks
+written for integer DDPM steps."""
 
-from .embedding import StepEmbedding
+from .adapters import StepIndexed
+from .embedding import NoiseLevelEmbedding
 from .mlp import MLPDenoiser
 from .unet import UNetDenoiser
 
-__all__ = ["StepEmbedding", "MLPDenoiser", "UNetDenoiser"]
+__all__ = ["NoiseLevelEmbedding", "MLPDenoiser", "UNetDenoiser", "StepIndexed"]

@@ -1,11 +1,13 @@
-"""A time-conditioned MLP denoiser for vector data ``(B, D)``."""
+"""A noise-level-conditioned residual MLP for vector data, or any data flattened."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from .embedding import StepEmbedding
+from .embedding import NoiseLevelEmbedding
 
 
 class _Block(nn.Module):
@@ -14,42 +16,61 @@ class _Block(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.linear1 = nn.Linear(width, width)
         self.linear2 = nn.Linear(width, width)
-        self.step = nn.Linear(embed_dim, width)
+        self.level = nn.Linear(embed_dim, width)
         self.act = nn.SiLU()
 
     def forward(self, h, embedding):
-        out = self.linear1(self.act(self.norm(h))) + self.step(embedding)
+        out = self.linear1(self.act(self.norm(h))) + self.level(embedding)
         return h + self.linear2(self.act(out))
 
 
 class MLPDenoiser(nn.Module):
-    """Residual MLP ``denoiser(x_t, t)`` for data of shape ``(B, dim)``.
+    """Residual MLP ``network(x, γ)`` for data of shape ``(B, *event_shape)``, flattened.
 
     Args:
-        dim: D, the data dimension.
+        event_shape: D for vector data ``(B, D)``, or a shape such as ``(1, 8, 8)`` (the datum
+            is flattened and the output reshaped back).
         hidden: width of the hidden layers.
         depth: number of residual blocks.
-        learned_variance: output ``2·dim`` values (mean part, then variance interpolation)
-            for ``GaussianDiffusion(variance="learned")``.
+        learned_variance: output twice the entries along dim 1 (the mean part, then the
+            variance interpolation) for ``variance="learned"``.
+        gamma_range: the noise levels mapped onto the embedding's range (see
+            :class:`NoiseLevelEmbedding`).
     """
 
-    def __init__(self, dim: int, hidden: int = 128, depth: int = 3, learned_variance: bool = False) -> None:
+    def __init__(
+        self,
+        event_shape: int | tuple[int, ...],
+        hidden: int = 128,
+        depth: int = 3,
+        learned_variance: bool = False,
+        gamma_range: tuple[float, float] = (-15.0, 15.0),
+    ) -> None:
         super().__init__()
-        if dim < 1 or hidden < 1 or depth < 0:
-            raise ValueError(f"dim, hidden, depth: expected positive sizes, got {dim}, {hidden}, {depth}")
-        self.dim = dim
+        shape = (event_shape,) if isinstance(event_shape, int) else tuple(event_shape)
+        for name, value, low in (("hidden", hidden, 1), ("depth", depth, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {value!r}")
+        if not shape or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"event_shape: expected a positive size or shape, got {event_shape!r}")
+        self.event_shape = shape
+        self.dim = math.prod(shape)
         self.learned_variance = learned_variance
         embed_dim = max(16, (hidden // 2) * 2)
-        self.embedding = StepEmbedding(embed_dim)
-        self.input = nn.Linear(dim, hidden)
+        self.embedding = NoiseLevelEmbedding(embed_dim, gamma_range)
+        self.input = nn.Linear(self.dim, hidden)
         self.blocks = nn.ModuleList(_Block(hidden, embed_dim) for _ in range(depth))
         self.output = nn.Sequential(
-            nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, dim * (2 if learned_variance else 1))
+            nn.LayerNorm(hidden), nn.SiLU(), nn.Linear(hidden, self.dim * (2 if learned_variance else 1))
         )
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        embedding = self.embedding(t)
-        h = self.input(x)
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        embedding = self.embedding(gamma)
+        h = self.input(x.reshape(x.shape[0], -1))
         for block in self.blocks:
             h = block(h, embedding)
-        return self.output(h)
+        out = self.output(h)
+        if self.learned_variance:  # (B, 2, C, ...) → (B, 2C, ...): the mean block, then the variance's
+            out = out.reshape(x.shape[0], 2, *self.event_shape)
+            return out.reshape(x.shape[0], 2 * self.event_shape[0], *self.event_shape[1:])
+        return out.reshape(x.shape)

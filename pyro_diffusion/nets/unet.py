@@ -1,4 +1,5 @@
-"""A small U-Net denoiser for images ``(B, C, H, W)`` (H and W divisible by 2**levels)."""
+"""A small noise-level-conditioned U-Net for images ``(B, C, H, W)`` (H and W divisible by
+2**(levels − 1))."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .embedding import StepEmbedding
+from .embedding import NoiseLevelEmbedding
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -15,7 +16,7 @@ def _norm(channels: int) -> nn.GroupNorm:
 
 
 class ResBlock(nn.Module):
-    """Two 3×3 convolutions with GroupNorm and SiLU, the step embedding added in between."""
+    """Two 3×3 convolutions with GroupNorm and SiLU, the noise-level embedding added in between."""
 
     def __init__(self, in_channels: int, out_channels: int, embed_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
@@ -35,7 +36,7 @@ class ResBlock(nn.Module):
 
 
 class UNetDenoiser(nn.Module):
-    """A small U-Net ``denoiser(x_t, t)`` for images.
+    """A small U-Net ``network(x, γ)`` for images.
 
     Args:
         channels: C of the data.
@@ -44,6 +45,7 @@ class UNetDenoiser(nn.Module):
             halves H and W).
         dropout: dropout inside the residual blocks.
         learned_variance: output ``2·C`` channels for ``variance="learned"``.
+        gamma_range: the noise levels mapped onto the embedding's range.
     """
 
     def __init__(
@@ -53,6 +55,7 @@ class UNetDenoiser(nn.Module):
         multipliers: tuple[int, ...] = (1, 2),
         dropout: float = 0.0,
         learned_variance: bool = False,
+        gamma_range: tuple[float, float] = (-15.0, 15.0),
     ) -> None:
         super().__init__()
         if channels < 1 or base < 1 or not multipliers:
@@ -62,7 +65,7 @@ class UNetDenoiser(nn.Module):
         self.channels = channels
         self.learned_variance = learned_variance
         embed_dim = base * 4
-        self.embedding = StepEmbedding(embed_dim)
+        self.embedding = NoiseLevelEmbedding(embed_dim, gamma_range)
         self.input = nn.Conv2d(channels, base, 3, padding=1)
         widths = [base * m for m in multipliers]
         self.down = nn.ModuleList()
@@ -91,11 +94,11 @@ class UNetDenoiser(nn.Module):
         )
         self.levels = len(widths)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         factor = 2 ** (self.levels - 1)
         if x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(f"x: height and width must be divisible by {factor}, got {tuple(x.shape[-2:])}")
-        embedding = self.embedding(t)
+        embedding = self.embedding(gamma)
         h = self.input(x)
         skips = []
         for block, down in zip(self.down, self.downsample):
