@@ -22,10 +22,24 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from pyro_diffusion import GaussianDiffusion, MLPDenoiser, NoiseSchedule, UNetDenoiser, load_dataset
+from pyro_diffusion import Diffusion, GaussianDiffusion, MLPDenoiser, NoiseSchedule, UNetDenoiser
+from pyro_diffusion.data import load_dataset
 
-__all__ = ["Problem", "Row", "make_problem", "interleaved", "paired_ratio", "peak_memory_mb", "sync"]
+__all__ = [
+    "SIZES",
+    "Problem",
+    "Row",
+    "ModelModule",
+    "GuideModule",
+    "make_problem",
+    "interleaved",
+    "median",
+    "paired_ratio",
+    "peak_memory_mb",
+    "sync",
+]
 
 SIZES = ("mlp2d", "digits", "unet32")
 
@@ -35,7 +49,7 @@ class Problem:
     """One benchmark problem: a diffusion with its network and a batch of data."""
 
     name: str
-    diffusion: GaussianDiffusion
+    diffusion: Diffusion
     x0: torch.Tensor
 
     @property
@@ -70,40 +84,76 @@ class Row:
         ]
 
 
-def make_problem(
-    size: str, device: torch.device | str, num_steps: int = 1000, batch: int | None = None, seed: int = 0
-) -> Problem:
-    """The benchmark problems.
+class ModelModule(nn.Module):
+    """``diffusion.model`` as a plain ``nn.Module`` (its parameters are the diffusion's) that,
+    unlike ``diffusion.model_module()``, leaves ``module_local_params`` alone: under the
+    default setting every evaluation enters the parameters in Pyro's param store.  Keyword
+    arguments (``steps=``, ``num_steps=``, which the losses pass) go through."""
 
-    * ``"mlp2d"``: :class:`MLPDenoiser` (hidden 128, depth 3) on 2-D two-moons, batch 256,
-      Gaussian decoder.
-    * ``"digits"``: :class:`UNetDenoiser` (base 32, multipliers (1, 2)) on scikit-learn's
-      8×8 digits ``(1, 8, 8)``, batch 128, discretized decoder with K = 17.
+    def __init__(self, diffusion: Diffusion) -> None:
+        super().__init__()
+        self.diffusion = diffusion
+
+    def forward(self, *args, **kwargs):
+        return self.diffusion.model(*args, **kwargs)
+
+
+class GuideModule(nn.Module):
+    """``diffusion.guide`` as an ``nn.Module`` with no parameters of its own (the diffusion is
+    held without being registered as a submodule)."""
+
+    def __init__(self, diffusion: Diffusion) -> None:
+        super().__init__()
+        object.__setattr__(self, "_diffusion", diffusion)
+
+    def forward(self, *args, **kwargs):
+        return self._diffusion.guide(*args, **kwargs)
+
+
+def make_problem(
+    size: str,
+    device: torch.device | str,
+    num_steps: int = 1000,
+    batch: int | None = None,
+    seed: int = 0,
+    decoder: str = "discretized",
+) -> Problem:
+    """The benchmark problems, all DDPM-style (:func:`~pyro_diffusion.GaussianDiffusion`:
+    tabulated linear schedule of ``num_steps`` levels, ε-prediction, σ_t² = β_t, the decoder
+    centred at the network's x̂ with variance β̃_2):
+
+    * ``"mlp2d"``: :class:`MLPDenoiser` ``(2,)`` (hidden 128, depth 3) on 2-D two-moons,
+      batch 128, Gaussian decoder.
+    * ``"digits"``: :class:`UNetDenoiser` ``(1, base=32)`` (multipliers (1, 2)) on
+      scikit-learn's 8×8 digits ``(1, 8, 8)``, batch 128, discretized decoder with K = 17.
     * ``"unet32"``: :class:`UNetDenoiser` (base 64, multipliers (1, 2, 2)) on synthetic
       ``(3, 32, 32)`` data with 256 levels, batch 64 (meant for GPUs).
 
-    All with the linear schedule of ``num_steps`` steps, ε-prediction and σ_t² = β_t."""
+    ``decoder``: ``"discretized"`` (default) or ``"gaussian"`` for the image problems (the
+    MLP's is always Gaussian)."""
     if size not in SIZES:
         raise ValueError(f"size: expected one of {SIZES}, got {size!r}")
+    if decoder not in ("discretized", "gaussian"):
+        raise ValueError(f"decoder: expected 'discretized' or 'gaussian', got {decoder!r}")
     device = torch.device(device)
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     schedule = NoiseSchedule.linear(num_steps)
     if size == "mlp2d":
         data = load_dataset("moons", num_train=4096, num_test=16, seed=seed).train
-        x0 = data[: batch or 256].float()
+        x0 = data[: batch or 128].float()
         diffusion = GaussianDiffusion(MLPDenoiser(2, hidden=128, depth=3), schedule, (2,))
     elif size == "digits":
         data = load_dataset("digits").train
         x0 = data[: batch or 128].float()
         net = UNetDenoiser(1, base=32, multipliers=(1, 2))
-        diffusion = GaussianDiffusion(net, schedule, (1, 8, 8), decoder="discretized", num_levels=17)
+        diffusion = GaussianDiffusion(net, schedule, (1, 8, 8), decoder=decoder, num_levels=17)
     else:
         n = batch or 64
         levels = torch.randint(0, 256, (n, 3, 32, 32), generator=generator)
         x0 = levels.float() / 127.5 - 1
         net = UNetDenoiser(3, base=64, multipliers=(1, 2, 2))
-        diffusion = GaussianDiffusion(net, schedule, (3, 32, 32), decoder="discretized", num_levels=256)
+        diffusion = GaussianDiffusion(net, schedule, (3, 32, 32), decoder=decoder, num_levels=256)
     diffusion = diffusion.to(device)
     return Problem(size, diffusion, x0.to(device))
 

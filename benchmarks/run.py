@@ -5,7 +5,7 @@ Benchmarks (one module each; every one compares its variants side by side in one
 * ``svi_step`` — a Pyro training step (SVI, ELBOModule) against the hand-written step.
 * ``full_bound`` — all T terms of the bound, batched over steps, against one call per step.
 * ``chain_cost`` — the sequential chain under ``TraceMeanField_ELBO`` as T grows, against
-  the step-subsampled estimator; the per-step cost of Pyro's machinery in µs.
+  the one-step estimator (DiffusionELBO); the per-step cost of Pyro's machinery in µs.
 * ``sampling`` — ancestral sampling against a plain loop with the same network.
 
 Every row has a peak-memory column (benchmark 5).  Columns: ``ms`` median time per call,

@@ -21,7 +21,7 @@ import dataclasses
 
 import torch
 
-from pyro_diffusion.compare import QUICK, run_comparison
+from pyro_diffusion.experiments.compare import QUICK, run_comparison
 from pyro_diffusion.training import OBJECTIVES, TrainConfig
 
 

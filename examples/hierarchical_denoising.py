@@ -44,9 +44,15 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from pyro_diffusion.data import load_dataset
-from pyro_diffusion.inference import DiffusionPrior, LinearObservation, SVIResult, chain_guide, twisted_smc
+from pyro_diffusion.inference import (
+    DiffusionPrior,
+    LinearObservation,
+    MonteCarloNormal,
+    PosteriorResult,
+    chain_guide,
+    twisted_smc,
+)
 from pyro_diffusion.inference import arviz as pd_arviz
-from pyro_diffusion.inference.svi import MonteCarloNormal
 
 
 def main():
@@ -74,7 +80,7 @@ def main():
         "--prior-loss",
         choices=("simple", "elbo"),
         default="elbo",
-        help="the loss the digits prior was trained with: the step-subsampled full ELBO (default) "
+        help="the loss the digits prior was trained with: the one-step estimate of the full ELBO (default) "
         "or L_simple (whose prior puts σ_y too high: docs/prior.md)",
     )
     parser.add_argument("--quick", action="store_true")
@@ -127,19 +133,24 @@ def main():
                 print(f"step {step:4d}  loss {losses[-1]:10.1f}  σ_y guide median {s:.3f}", flush=True)
 
     store = pyro.get_param_store()
-    result = SVIResult(
-        loc=store["x_loc"].detach().clone(),
-        scale=store["x_scale"].detach().clone(),
-        losses=losses,
-        seconds=float("nan"),
-        network_calls=0,
+    x_loc, x_scale = store["x_loc"].detach().clone(), store["x_scale"].detach().clone()
+
+    def draw_images(num, generator=None):  # q(x): the fitted mean-field Normal over the n images
+        return x_loc + x_scale * torch.randn((num, *x_loc.shape), generator=generator)
+
+    result = PosteriorResult(
+        draws=draw_images(10),
+        diagnostics={"loc": x_loc, "scale": x_scale, "losses": losses},
+        method="svi",
+        num_steps=prior.num_steps,
+        sampler=draw_images,
     )
     idata = pd_arviz.from_svi(result, var_name="x", num_draws=1000)
     sigma_draws = dist.LogNormal(store["sigma_loc"], store["sigma_scale"]).sample((1000,)).detach()
     idata.posterior["sigma"] = (("chain", "draw"), sigma_draws.numpy()[None])
     print(az.summary(idata, var_names=["sigma"], kind="stats"))
     mse_noisy = ((y - truth) ** 2).mean().item()
-    mse_post = ((result.loc - truth) ** 2).mean().item()
+    mse_post = ((x_loc - truth) ** 2).mean().item()
     print(
         f"true σ_y {args.true_sigma}; MSE of y to the truth {mse_noisy:.4f}, of E_q[x] to the truth {mse_post:.4f}"
     )
@@ -153,7 +164,7 @@ def main():
             log_lik = sum(
                 twisted_smc(
                     diffusion, observation, y[i].reshape(-1), num_particles=args.smc_particles, seed=i
-                ).log_evidence
+                ).diagnostics["log_evidence"]
                 for i in range(n)
             )
             log_post.append(log_lik + dist.HalfNormal(0.5).log_prob(sigma).item())
@@ -179,7 +190,7 @@ def main():
     fig, axes = plt.subplots(3, n, figsize=(1.3 * n, 4), squeeze=False)
     for i in range(n):
         for row, (title, picture) in enumerate(
-            [("truth", truth[i]), ("noisy y", y[i]), ("E_q[x]", result.loc[i])]
+            [("truth", truth[i]), ("noisy y", y[i]), ("E_q[x]", x_loc[i])]
         ):
             axes[row, i].imshow(picture.reshape(8, 8).clamp(-1, 1), cmap="gray_r", vmin=-1, vmax=1)
             axes[row, i].set_xticks([])

@@ -6,14 +6,24 @@ p(x_0 | y) (closed form, a Gaussian mixture), and from every method of
 ``pyro_diffusion.inference`` run on the trained model: twisted SMC, NUTS over the whole
 chain, SVI with the forward chain as guide, replacement and DPS.  It reports the energy
 distance of each method's samples to the exact conditional (with a standard error), its
-cost, NUTS's R-hat, and the model's own unconditional error, and writes the table to
-``docs/prior_validation.md`` and figures to ``docs/figures/``.
+cost, NUTS's R-hat, and the model's own unconditional error, and writes the table
+(``prior_validation.md`` and ``.json``) and figures (``figures/``) under ``--out`` (default
+``runs/inpainting_2d``); ``--write-docs`` writes them to ``docs/`` instead (how
+``docs/prior_validation.md`` was made).
 
     python examples/inpainting_2d.py --nuts-draws 40 --nuts-warmup 40   # every row (NUTS short)
     python examples/inpainting_2d.py --scan     # the scan of inpainting observations (cheap methods)
     python examples/inpainting_2d.py --nuts-only --scenarios denoising --nuts-draws 1000 --nuts-warmup 300
-        # rerun only NUTS (independent chains) and update its row in the docs' table
-    python examples/inpainting_2d.py --quick    # a smoke run with tiny sizes (no docs written)
+        # rerun only NUTS (independent chains) and update its row in the table
+    python examples/inpainting_2d.py --quick    # a smoke run with tiny sizes
+    python examples/inpainting_2d.py --prior learned --quick
+        # the same with a continuous-time model with a learned schedule as the prior
+
+``--prior ddpm`` (default) is the T-step DDPM of ``docs/prior.md``; ``--prior learned`` a
+continuous-time model whose noise schedule γ(t) is learned (VDM), trained on the
+continuous-time bound and run by every method on a grid of ``--num-steps`` levels of its
+schedule (both trained once and cached under ``runs/inference``).  ``--grid K`` runs every
+method on a K-level grid instead of the model's own (for the DDPM a respaced sub-grid).
 
 NUTS runs ``--nuts-chains`` independent chains one after another (chain c seeded with
 seed + c), so that R-hat compares independent Markov chains; ``--nuts-vectorize`` runs them
@@ -68,8 +78,25 @@ SCAN_NOISES = (0.05, 0.1, 0.2)
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, nothing written to docs/")
-    parser.add_argument("--num-steps", type=int, default=20, help="T of the trained model")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (never writes to docs/)")
+    parser.add_argument(
+        "--prior",
+        choices=("ddpm", "learned"),
+        default="ddpm",
+        help="ddpm: the T-step DDPM (default); learned: a continuous-time model with a learned schedule",
+    )
+    parser.add_argument(
+        "--num-steps", type=int, default=20, help="T of the DDPM; the learned model's default grid size"
+    )
+    parser.add_argument(
+        "--grid", type=int, default=None, help="run every method on a K-level grid (default: the model's own)"
+    )
+    parser.add_argument("--out", default="runs/inpainting_2d", help="where the table and figures go")
+    parser.add_argument(
+        "--write-docs",
+        action="store_true",
+        help="write the table and figures to docs/ (docs/prior_validation.md, docs/figures/) instead of --out",
+    )
     parser.add_argument("--samples", type=int, default=2000, help="draws per method")
     parser.add_argument("--particles", type=int, default=20000, help="SMC particles")
     parser.add_argument("--nuts-draws", type=int, default=150, help="NUTS draws per chain")
@@ -89,7 +116,8 @@ def main():
     parser.add_argument(
         "--nuts-only",
         action="store_true",
-        help="run only NUTS and replace its rows (and figures) in an existing docs/prior_validation.json",
+        help="run only NUTS and replace its rows (and figures) in an existing prior_validation.json "
+        "(under --out, or docs/ with --write-docs)",
     )
     parser.add_argument(
         "--scan",
@@ -108,19 +136,24 @@ def main():
         args.dps_steps = [0.03]
     if args.nuts_warmup is None:
         args.nuts_warmup = args.nuts_draws
-    out_dir = Path("runs/inpainting_2d") if args.quick else Path("docs")
+    if args.write_docs and args.quick:
+        parser.error("--write-docs: a --quick run is a smoke test; its numbers do not belong in docs/")
+    out_dir = Path("docs") if args.write_docs else Path(args.out)
     fig_dir = out_dir / "figures"
     fig_dir.mkdir(parents=True, exist_ok=True)
 
     started = datetime.datetime.now(datetime.timezone.utc)
-    diffusion = load_or_train("gmm", "elbo", num_steps=args.num_steps, progress=args.progress)
+    schedule = "learned" if args.prior == "learned" else "linear"
+    diffusion = load_or_train(
+        "gmm", "elbo", num_steps=args.num_steps, schedule=schedule, progress=args.progress
+    )
     mixture = GaussianMixture2D()
     data = load_dataset("gmm")
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
 
     # the model's own error: its unconditional samples against the data
-    model_samples = diffusion.sample(args.samples)
+    model_samples = diffusion.sample(args.samples, num_steps=args.grid)
     reference = data.test[: 2 * args.samples]
     model_error = (energy_distance(model_samples, reference), energy_distance_se(model_samples, reference))
     floor = data.train[: args.samples]
@@ -129,13 +162,18 @@ def main():
     results = {"model_unconditional": model_error, "data_vs_data": floor_error, "scenarios": {}}
     if args.scan:
         scan = run_scan(args, diffusion, mixture, generator)
-        results = json.loads((out_dir / "prior_validation.json").read_text())  # re-read: others may write
+        table = out_dir / "prior_validation.json"
+        results = json.loads(table.read_text()) if table.exists() else results  # re-read: others may write
         results["scan"] = scan
         (out_dir / "prior_validation.json").write_text(json.dumps(results, indent=1))
         write_table(results, out_dir / "prior_validation.md")
         print(f"wrote {out_dir / 'prior_validation.md'}")
         return
     if args.nuts_only:  # keep every other number of the last full run
+        if not (out_dir / "prior_validation.json").exists():
+            parser.error(
+                f"--nuts-only: no {out_dir / 'prior_validation.json'} to patch; run the full table first"
+            )
         results = json.loads((out_dir / "prior_validation.json").read_text())
     elif (out_dir / "prior_validation.json").exists():  # keep the last scan
         scan = json.loads((out_dir / "prior_validation.json").read_text()).get("scan")
@@ -171,17 +209,19 @@ def main():
             print(f"NUTS: {nuts_row}", flush=True)
             continue
         torch.manual_seed(args.seed)
-        result = twisted_smc(diffusion, observation, y, num_particles=args.particles, seed=args.seed)
+        result = twisted_smc(
+            diffusion, observation, y, num_particles=args.particles, num_steps=args.grid, seed=args.seed
+        )
         drawn["twisted SMC"] = record(
             "twisted SMC",
             result.sample(args.samples, generator=generator),
             result.seconds,
             result.network_calls,
-            min_ess=float(result.ess.min()),
-            log_evidence=result.log_evidence,
+            min_ess=float(result.diagnostics["ess"].min()),
+            log_evidence=result.diagnostics["log_evidence"],
             exact_data_log_evidence=mixture_evidence(mixture, observation, y),
         )
-        smc_result = result
+        smc_ess = result.diagnostics["ess"]
 
         nuts_row = run_nuts(args, diffusion, observation, y, fig_dir, name)
         samples = nuts_row.pop("samples")
@@ -189,7 +229,9 @@ def main():
             "NUTS", samples, nuts_row.pop("seconds"), nuts_row.pop("network_calls"), **nuts_row
         )
 
-        svi = svi_conditional(diffusion, observation, y, num_steps=args.svi_steps, seed=args.seed)
+        svi = svi_conditional(
+            diffusion, observation, y, num_iterations=args.svi_steps, num_steps=args.grid, seed=args.seed
+        )
         drawn["SVI (mean-field x_0)"] = record(
             "SVI (mean-field x_0)",
             svi.sample(args.samples, generator=generator),
@@ -198,14 +240,12 @@ def main():
         )
         if observation.observed_index is not None:
             torch.manual_seed(args.seed)
-            samples, stats = replacement_sample(diffusion, observation, y, args.samples)
-            drawn["replacement"] = record("replacement", samples, stats["seconds"], stats["network_calls"])
+            out = replacement_sample(diffusion, observation, y, args.samples, num_steps=args.grid)
+            drawn["replacement"] = record("replacement", out.draws, out.seconds, out.network_calls)
         for step in args.dps_steps:
             torch.manual_seed(args.seed)
-            samples, stats = dps_sample(diffusion, observation, y, args.samples, step_size=step)
-            drawn[f"DPS ζ={step:g}"] = record(
-                f"DPS ζ={step:g}", samples, stats["seconds"], stats["network_calls"]
-            )
+            out = dps_sample(diffusion, observation, y, args.samples, step_size=step, num_steps=args.grid)
+            drawn[f"DPS ζ={step:g}"] = record(f"DPS ζ={step:g}", out.draws, out.seconds, out.network_calls)
         results["scenarios"][name] = {"observation": repr(observation), "y": y.tolist(), "methods": rows}
 
         # figure: samples of every method over the exact conditional
@@ -222,8 +262,8 @@ def main():
         fig.savefig(fig_dir / f"prior_samples_{name}.png", dpi=80)
         plt.close(fig)
         fig, ax = plt.subplots(figsize=(4, 2.5))
-        ax.plot(range(len(smc_result.ess)), smc_result.ess)
-        ax.set_xlabel("reweighting (0 = x_T, T = x_0)")
+        ax.plot(range(len(smc_ess)), smc_ess)
+        ax.set_xlabel("reweighting (0 = x_K, K = x_0)")
         ax.set_ylabel("ESS")
         ax.set_title(f"twisted SMC, K = {args.particles}: {name}", fontsize=8)
         fig.tight_layout()
@@ -260,6 +300,7 @@ def run_nuts(args, diffusion, observation, y, fig_dir, name):
         num_samples=args.nuts_draws,
         warmup_steps=args.nuts_warmup,
         num_chains=args.nuts_chains,
+        num_steps=args.grid,
         max_tree_depth=args.nuts_tree_depth,
         full_mass=args.nuts_full_mass,
         target_accept_prob=args.nuts_target_accept,
@@ -269,15 +310,16 @@ def run_nuts(args, diffusion, observation, y, fig_dir, name):
         progress=args.progress,
     )
     idata = pd_arviz.from_nuts(nuts, include_noise=True)
-    summary = az.summary(idata, round_to="none")  # x_0 and all 2(T + 1) noise coordinates
+    summary = az.summary(idata, round_to="none")  # x_0 and all 2(K + 1) noise coordinates
     x0_rows = summary.index.str.startswith("x0")
     print(summary.sort_values("r_hat").tail(5), flush=True)
     if not args.quick:
         az.plot_trace(idata, var_names=["x0"])
         plt.savefig(fig_dir / f"prior_nuts_trace_{name}.png", dpi=80)
         plt.close("all")
+    stats = nuts.diagnostics["sample_stats"]
     return {
-        "samples": nuts.x0.reshape(-1, 2),
+        "samples": nuts.draws,
         "seconds": nuts.seconds,
         "network_calls": nuts.network_calls,
         "max_rhat_x0": float(summary["r_hat"][x0_rows].max()),
@@ -286,7 +328,7 @@ def run_nuts(args, diffusion, observation, y, fig_dir, name):
         "min_ess_bulk_all_sites": float(summary["ess_bulk"].min()),
         "min_ess_tail_all_sites": float(summary["ess_tail"].min()),
         # vectorized copies share one trajectory, so their divergences are counted once
-        "divergences": int(nuts.sample_stats["diverging"][: 1 if args.nuts_vectorize else None].sum()),
+        "divergences": int(stats["diverging"][: 1 if args.nuts_vectorize else None].sum()),
         "chains": args.nuts_chains,
         "draws": args.nuts_draws,
         "warmup": args.nuts_warmup,
@@ -295,7 +337,7 @@ def run_nuts(args, diffusion, observation, y, fig_dir, name):
         "full_mass": args.nuts_full_mass,
         "target_accept_prob": args.nuts_target_accept,
         "jit_compile": args.nuts_jit,
-        "mean_tree_size": float(nuts.sample_stats["tree_size"].float().mean()),
+        "mean_tree_size": float(stats["tree_size"].float().mean()),
     }
 
 
@@ -313,15 +355,21 @@ def run_scan(args, diffusion, mixture, generator):
                 row["methods"][method] = (energy_distance(samples, exact), energy_distance_se(samples, exact))
 
             for particles in sorted({2000, args.particles}):
-                result = twisted_smc(diffusion, observation, y, num_particles=particles, seed=args.seed)
+                result = twisted_smc(
+                    diffusion, observation, y, num_particles=particles, num_steps=args.grid, seed=args.seed
+                )
                 record(f"SMC K={particles}", result.sample(args.samples, generator=generator))
             torch.manual_seed(args.seed)
-            record("replacement", replacement_sample(diffusion, observation, y, args.samples)[0])
+            record(
+                "replacement",
+                replacement_sample(diffusion, observation, y, args.samples, num_steps=args.grid).draws,
+            )
             for step in args.dps_steps:
                 torch.manual_seed(args.seed)
-                record(
-                    f"DPS ζ={step:g}", dps_sample(diffusion, observation, y, args.samples, step_size=step)[0]
-                )
+                draws = dps_sample(
+                    diffusion, observation, y, args.samples, step_size=step, num_steps=args.grid
+                ).draws
+                record(f"DPS ζ={step:g}", draws)
             print(f"scan y = {value}, σ_y = {noise}: {row['methods']}", flush=True)
             rows.append(row)
     return {
@@ -359,14 +407,30 @@ def scan_table(scan):
     return lines
 
 
+def model_line(a) -> str:
+    """The table's description of the prior (runs from before ``--prior`` existed used the DDPM)."""
+    grid = a.get("grid")
+    if a.get("prior", "ddpm") == "learned":
+        line = (
+            "Model: the 2-D mixture model in continuous time with a learned noise schedule, trained with "
+            f"the continuous-time ELBO, run on a grid of {grid or a['num_steps']} levels."
+        )
+    else:
+        line = f"Model: the 2-D mixture model trained with the step-subsampled ELBO, T = {a['num_steps']}."
+        if grid is not None:
+            line += f" Every method ran on a respaced {grid}-level sub-grid."
+    return line
+
+
 def write_table(results, path):
-    meta = results["meta"]
-    a = meta["args"]
-    lines = [
-        "# Conditioning the 2-D mixture model: validation table",
-        "",
-        f"Generated by `{meta['command']}` ({meta['started']} to {meta['finished']}, {meta['machine']}).",
-        f"Model: the 2-D mixture model trained with the step-subsampled ELBO, T = {a['num_steps']}.",
+    lines = ["# Conditioning the 2-D mixture model: validation table", ""]
+    if "meta" in results:  # (a --scan into a fresh --out has no full run yet)
+        meta = results["meta"]
+        lines += [
+            f"Generated by `{meta['command']}` ({meta['started']} to {meta['finished']}, {meta['machine']}).",
+            model_line(meta["args"]),
+        ]
+    lines += [
         "Energy distance (squared, U-statistic) of each method's samples to draws of the exact data",
         "conditional p(x_0 | y); ± a standard error from 10 disjoint splits.  Lower is better.",
         "",
@@ -383,7 +447,7 @@ def write_table(results, path):
             "from the full run.",
             "",
         ]
-    for name, scenario in results["scenarios"].items():
+    for name, scenario in results.get("scenarios", {}).items():
         lines += [
             f"## {name}: {scenario['observation']}, y = {scenario['y']}",
             "",

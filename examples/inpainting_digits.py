@@ -60,18 +60,18 @@ def main():
     for i, image in enumerate(images):
         y = observation.sample(image[None], generator=generator)[0]
         smc = twisted_smc(diffusion, observation, y, num_particles=args.particles, seed=i)
-        ess.append(smc.ess)
+        ess.append(smc.diagnostics["ess"])
         draws = {
             "twisted SMC": smc.sample(args.samples, generator=generator),
-            "replacement": replacement_sample(diffusion, observation, y, args.samples)[0],
-            "DPS": dps_sample(diffusion, observation, y, args.samples, step_size=args.dps_step)[0],
+            "replacement": replacement_sample(diffusion, observation, y, args.samples).draws,
+            "DPS": dps_sample(diffusion, observation, y, args.samples, step_size=args.dps_step).draws,
         }
         for name, samples in draws.items():
             methods[name].append(samples)
             posterior_mean = samples.mean(0).reshape(-1)
             errors[name].append(((posterior_mean - image.reshape(-1))[hidden] ** 2).mean().item())
         print(
-            f"image {i}: min ESS {smc.ess.min():.1f} of {args.particles}, "
+            f"image {i}: min ESS {ess[-1].min():.1f} of {args.particles}, "
             + ", ".join(f"{k} MSE {v[-1]:.3f}" for k, v in errors.items()),
             flush=True,
         )

@@ -1,6 +1,6 @@
-"""Learned noise schedule vs fixed schedules on the 17-level digits (issue 6).
+"""Learned noise schedule vs fixed schedules on the 17-level digits.
 
-Trains configurations of :mod:`pyro_diffusion.vdm.experiment` (same network, an MLP over the
+Trains configurations of :mod:`pyro_diffusion.experiments.schedule_study` (same network, an MLP over the
 64 pixels, and the same budget for each) and writes one JSON of test-set results per
 configuration and seed; ``--summarize`` turns a folder of them into a markdown table (with the
 per-pixel categorical and mixture-of-categoricals baselines) and figures.
@@ -17,12 +17,18 @@ evaluates an EMA of the weights; ``--weight-decay`` penalizes the denoiser's wei
 
 ``--train-steps T`` trains (and selects checkpoints) on the T-step bound instead of the
 continuous-time one; ``--versus … --at T`` and ``--paired DIR --at T`` compare T-step bounds.
+T counts VDM's intervals between T + 1 noise levels (as do ``--eval-steps`` and the result
+keys ``test_bpd_T{T}``): the library's ``num_steps = T + 1``.
+
+``--decoder``: ``plain`` (VDM's z/α) or ``network`` (the network's x̂ with a learned scale;
+``denoiser`` is accepted as its earlier name).
 
 ``--diagnose`` logs what the validation bound is made of for the raw and the EMA weights
 (``docs/learned_schedules.md`` §5).
 
-Configurations: learned, learned-anchored, learned-shape, learned-heldout, learned-T16, ddpm-linear, cosine, vdm-linear, tuned, simple (see the
-module docstring of pyro_diffusion.vdm.experiment).
+Configurations: learned, learned-anchored, learned-shape, learned-heldout, learned-T16,
+ddpm-linear, cosine, vdm-linear, tuned, simple (see the module docstring of
+pyro_diffusion.experiments.schedule_study).
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from pyro_diffusion.vdm.experiment import (
+from pyro_diffusion.experiments.schedule_study import (
     CONFIGS,
     paired_comparison,
     paired_over_seeds,
@@ -87,7 +93,7 @@ def print_paired(folder: Path, num_steps: int | None = None) -> None:
 
 
 def print_versus(first: list[dict], second: list[dict], num_steps: int | None = None) -> dict:
-    """Print and return :func:`~pyro_diffusion.vdm.experiment.paired_over_seeds` of two
+    """Print and return :func:`~pyro_diffusion.experiments.schedule_study.paired_over_seeds` of two
     configurations' runs: each common seed, then all of them (with the standard error over
     images and the one over seeds)."""
     names = [
@@ -182,16 +188,15 @@ def diagnose(config: str, args) -> dict:
     import pyro
 
     from pyro_diffusion.data import load_dataset
-    from pyro_diffusion.vdm import LinearGamma
-    from pyro_diffusion.vdm import experiment as ex
+    from pyro_diffusion.experiments import schedule_study as ex
+    from pyro_diffusion.schedules import LinearGamma
 
     dataset = load_dataset("digits")
     torch.manual_seed(args.seed)
     pyro.set_rng_seed(args.seed)
-    pyro.clear_param_store()
     train, val = ex.split_validation(dataset.train, args.val_size or 200)
     train_part = train[:200]
-    vdm, _, svi = ex.build(
+    vdm, _, trainer = ex.build(
         config,
         tuple(train.shape[1:]),
         dataset.num_levels,
@@ -212,7 +217,7 @@ def diagnose(config: str, args) -> dict:
         with torch.random.fork_rng():
             torch.manual_seed(2024)
             x = data.repeat((draws,) + (1,) * (data.dim() - 1))
-            t = vdm.loss_terms(x, torch.rand(x.shape[0], dtype=torch.float64))
+            t = ex.bound_terms(vdm, x, torch.rand(x.shape[0], dtype=torch.float64))
             parts = [
                 t.diffusion.mean().item() * bits,
                 t.decoder.mean().item() * bits,
@@ -229,10 +234,10 @@ def diagnose(config: str, args) -> dict:
             for delta in deltas:
                 x = data.repeat(4, *(1,) * (data.dim() - 1))
                 gamma = torch.full((x.shape[0],), gamma0 + delta, dtype=torch.float64)
-                z, eps = vdm.diffuse(x, gamma)
-                error.append(
-                    0.5 * ((eps - vdm.predict_eps(z, gamma)) ** 2).sum((1, 2, 3)).mean().item() * bits
-                )
+                z = vdm.marginal(x, gamma).rsample()
+                eps = vdm.noise_of(x, z, gamma)
+                prediction, _ = vdm.predict(z, gamma)
+                error.append(0.5 * ((eps - prediction.eps) ** 2).sum((1, 2, 3)).mean().item() * bits)
                 nll = -vdm.decoder_distribution(z, gamma).log_prob(x).sum((1, 2, 3)).mean().item() * bits
                 decoder.append(nll)
         return {"gamma_min": gamma0, "deltas": deltas, "eps_error": error, "decoder": decoder}
@@ -241,7 +246,7 @@ def diagnose(config: str, args) -> dict:
     start = time.time()
     for step in range(args.steps):
         rows_ = torch.randint(0, train.shape[0], (args.batch,), generator=generator)
-        loss = svi.step(train[rows_]) / args.batch * bits
+        loss = trainer.step(train[rows_]) / args.batch * bits
         if average is None:
             average = ex._WeightAverage(vdm, args.ema or 0.999)
         else:
@@ -283,7 +288,7 @@ def diagnose(config: str, args) -> dict:
     groups: dict[str, list[str]] = {}
     for name, _ in vdm.named_parameters():
         parts = name.split(".")
-        key = ".".join(parts[:4]) if parts[0] == "denoiser" else ".".join(parts[:2])
+        key = ".".join(parts[:3]) if parts[0] == "denoiser" else ".".join(parts[:2])
         groups.setdefault(key, []).append(name)
 
     def bound_with(ema_names):
@@ -371,9 +376,20 @@ def main(argv=None) -> None:
         "--schedule-lr", type=float, default=None, help="learning rate of the schedule (default: --lr)"
     )
     parser.add_argument("--tuned", type=float, nargs=2, default=(-4.0, 2.0), metavar=("GMIN", "GMAX"))
-    parser.add_argument("--decoder", default="plain", choices=("plain", "denoiser"))
+    parser.add_argument(
+        "--decoder",
+        default="plain",
+        choices=("plain", "network", "denoiser"),
+        help="plain (VDM's z/α) or network (the network's x̂, a learned scale); denoiser: network",
+    )
     parser.add_argument("--eval-times", type=int, default=100)
-    parser.add_argument("--eval-steps", type=int, nargs="*", default=[16, 64, 1000])
+    parser.add_argument(
+        "--eval-steps",
+        type=int,
+        nargs="*",
+        default=[16, 64, 1000],
+        help="the T-step bounds to evaluate (T intervals, T + 1 noise levels)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/learned_schedule"))
@@ -399,7 +415,7 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         metavar="T",
-        help="with --versus or --paired: compare the T-step bounds (default T = ∞)",
+        help="with --versus or --paired: compare the T-step bounds (T intervals; default T = ∞)",
     )
     parser.add_argument(
         "--versus-figure", type=Path, default=None, metavar="PNG", help="with --versus: draw it to this file"
@@ -409,7 +425,8 @@ def main(argv=None) -> None:
         type=int,
         default=None,
         metavar="T",
-        help="train (and select checkpoints) on the T-step bound instead of the continuous-time one",
+        help="train (and select checkpoints) on the T-step bound (T intervals, the library's "
+        "num_steps = T + 1) instead of the continuous-time one",
     )
     parser.add_argument(
         "--diagnose",
@@ -423,6 +440,8 @@ def main(argv=None) -> None:
         "--figure", type=Path, default=Path("docs/figures/learned_schedule_ema_diagnosis.png")
     )
     args = parser.parse_args(argv)
+    if args.decoder == "denoiser":  # the earlier name of the network decoder
+        args.decoder = "network"
     torch.set_num_threads(args.threads)
     if args.summarize:
         print(summarize(args.summarize))

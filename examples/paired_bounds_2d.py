@@ -1,7 +1,7 @@
 """Paired comparison of two trained models by their per-datum bounds on the same test data.
 
-The 2-D mixture model trained with the full ELBO (step-subsampled, DESIGN.md §4) against the
-same network trained with L_simple (§5), T = 50, 4000 SVI steps each (cached under runs/).
+The 2-D mixture model trained with the full ELBO (one step per datum) against the
+same network trained with L_simple, T = 50, 4000 SVI steps each (cached under runs/).
 Each test point's bound ELBO_θ(x_0) is averaged over ``--draws`` Monte Carlo evaluations and
 handed to ArviZ as a ``log_likelihood`` group; the comparison is the mean of the per-datum
 differences and its standard error (paired, so the spread of the data cancels).

@@ -11,7 +11,7 @@ Read it top to bottom like a notebook: each ``# %%`` cell prints what it shows.
 3. ``poutine.trace`` shows the sites, their distributions and shapes.
 4. ``TraceMeanField_ELBO`` uses an analytic KL at each latent site; the per-site KLs add up
    (with the decoder term and the prior KL) to the bound that ``vlb_terms`` computes directly.
-5. SVI trains it; the cheap one-step estimator (``StepSubsampledELBO``) estimates the same
+5. SVI trains it; the cheap one-step estimator (``DiffusionELBO``) estimates the same
    ELBO with one network call per datum instead of T.
 """
 
@@ -27,8 +27,9 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import Adam
 from pyro.poutine.util import site_is_subsample
 
-from pyro_diffusion import GaussianDiffusion, MLPDenoiser, NoiseSchedule, StepSubsampledELBO, load_dataset
+from pyro_diffusion import DiffusionELBO, GaussianDiffusion, MLPDenoiser, NoiseSchedule
 from pyro_diffusion.chains import per_site_kl
+from pyro_diffusion.data import load_dataset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -80,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     single_draw = sum(kls.values()) + decoder
     print("−ELBO, one draw, per datum:", single_draw.detach().numpy().round(3))
 
-    # %% 5. Train with SVI. StepSubsampledELBO: one t per datum, ℓ_t / r(t) + L_T, unbiased.
-    svi = SVI(diffusion.model, diffusion.guide, Adam({"lr": 2e-3}), StepSubsampledELBO())
+    # %% 5. Train with SVI. DiffusionELBO: one t per datum, ℓ_t / r(t) + L_T, unbiased.
+    svi = SVI(diffusion.model, diffusion.guide, Adam({"lr": 2e-3}), DiffusionELBO())
     g = torch.Generator().manual_seed(args.seed)
     for step in range(1, steps + 1):
         batch = data.train[torch.randint(len(data.train), (256,), generator=g)]

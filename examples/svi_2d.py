@@ -24,18 +24,12 @@ from pyro.infer import SVI
 from pyro.optim import ClippedAdam
 from tqdm.auto import trange
 
-from pyro_diffusion import (
-    GaussianDiffusion,
-    MLPDenoiser,
-    NoiseSchedule,
-    SimplifiedLoss,
-    StepSubsampledELBO,
-    load_dataset,
-)
+from pyro_diffusion import DiffusionELBO, GaussianDiffusion, MLPDenoiser, NoiseSchedule, SimplifiedLoss
+from pyro_diffusion.data import load_dataset
 
 OBJECTIVES = {
-    "elbo": StepSubsampledELBO,
-    "elbo-is": lambda: StepSubsampledELBO(importance=True),
+    "elbo": DiffusionELBO,
+    "elbo-is": lambda: DiffusionELBO(times="importance"),
     "simple": SimplifiedLoss,
 }
 

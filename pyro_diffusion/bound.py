@@ -213,7 +213,13 @@ def bound_samples(
 
 
 def bound(
-    diffusion, x0: torch.Tensor, *, num_steps: int | None = 0, num_times: int = 128, bits: bool = True, **kwargs
+    diffusion,
+    x0: torch.Tensor,
+    *,
+    num_steps: int | None = 0,
+    num_times: int = 128,
+    bits: bool = True,
+    **kwargs,
 ) -> BoundEstimate:
     """Monte Carlo −ELBO per datum with standard errors from ``num_times`` draws of the
     one-step estimator (:func:`bound_samples`), in bits per dimension (``bits``) or nats."""
@@ -224,7 +230,9 @@ def bound(
     return BoundEstimate(samples.mean(1), (variance / num_times).sqrt(), variance, num_times)
 
 
-def nll(diffusion, x0: torch.Tensor, *, num_steps: int | None = None, num_times: int = 128, **kwargs) -> torch.Tensor:
+def nll(
+    diffusion, x0: torch.Tensor, *, num_steps: int | None = None, num_times: int = 128, **kwargs
+) -> torch.Tensor:
     """−ELBO(x_0) per datum in bits per dimension, ``(B,)``: on a grid (``num_steps`` None or
     T) every step's term once (:func:`vlb_terms`); in continuous time (``num_steps=0``) the mean
     of ``num_times`` draws (:func:`bound`)."""

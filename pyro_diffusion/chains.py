@@ -56,6 +56,7 @@ import pyro.distributions as dist
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
+from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints, kl_divergence, register_kl
 
@@ -77,6 +78,8 @@ __all__ = [
     "step_guide",
     "step_model",
     "per_site_kl",
+    "ReverseChain",
+    "ForwardChain",
     "uniform_times",
     "low_discrepancy_times",
 ]
@@ -106,7 +109,9 @@ class ForwardMarginal(dist.Normal):
 
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
-        return ForwardMarginal(self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.log_variance)
+        return ForwardMarginal(
+            self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.log_variance
+        )
 
 
 @register_kl(ForwardMarginal, dist.Normal)
@@ -120,7 +125,9 @@ def _kl_marginal_normal(q: ForwardMarginal, p: dist.Normal):
 @register_kl(ForwardMarginal, ForwardMarginal)
 def _kl_marginal_marginal(q: ForwardMarginal, p: ForwardMarginal):
     # the step's upper level: both programs draw it from the same q(x_t | x_0)
-    return torch.zeros(torch.broadcast_shapes(q.batch_shape, p.batch_shape), dtype=q.loc.dtype, device=q.loc.device)
+    return torch.zeros(
+        torch.broadcast_shapes(q.batch_shape, p.batch_shape), dtype=q.loc.dtype, device=q.loc.device
+    )
 
 
 class ForwardStep(dist.Normal):
@@ -135,7 +142,10 @@ class ForwardStep(dist.Normal):
     def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         return type(self)(
-            self.loc.expand(batch_shape), self.scale.expand(batch_shape), self.eps.expand(batch_shape), self.coefficients
+            self.loc.expand(batch_shape),
+            self.scale.expand(batch_shape),
+            self.eps.expand(batch_shape),
+            self.coefficients,
         )
 
 
@@ -316,7 +326,12 @@ class StepDraw:
 
     def _uniform(self, batch, device) -> torch.Tensor:
         if self.fixed_times is not None:
-            return self.fixed_times.to(device=device, dtype=torch.float64)
+            u = self.fixed_times
+            if not isinstance(u, torch.Tensor) or not u.is_floating_point() or u.shape != (batch,):
+                raise ValueError(f"times_values: expected a float tensor of shape ({batch},), got {u!r:.80}")
+            if not ((u >= 0) & (u <= 1)).all():
+                raise ValueError("times_values: expected times in [0, 1]")
+            return u.to(device=device, dtype=torch.float64)
         sampler = low_discrepancy_times if self.times == "low-discrepancy" else uniform_times
         return sampler(batch, device=device)
 
@@ -326,7 +341,9 @@ class StepDraw:
             at = schedule(self._uniform(batch, device))
             gamma_1, gamma_T = schedule.endpoints()
             weight = torch.ones(batch, dtype=torch.float64, device=device)
-            return StepLevels(at.gamma, None, at.derivative, None, weight, gamma_1, gamma_T, None, at.shape_outputs)
+            return StepLevels(
+                at.gamma, None, at.derivative, None, weight, gamma_1, gamma_T, None, at.shape_outputs
+            )
         grid = diffusion.grid(num_steps).to(device)
         T = grid.shape[0]
         first = 1 if diffusion.decoder_uses_network else 2  # the smallest step drawn
@@ -338,7 +355,12 @@ class StepDraw:
             )
         probs = None
         if self.fixed_index is not None:
-            index = self.fixed_index.to(device)
+            index = self.fixed_index
+            if not isinstance(index, torch.Tensor) or index.dtype != torch.long or index.shape != (batch,):
+                raise ValueError(f"index: expected a LongTensor of shape ({batch},), got {index!r:.80}")
+            if not ((index >= first) & (index <= T)).all():
+                raise ValueError(f"index: steps must lie in {first}..{T} (the candidate steps of this grid)")
+            index = index.to(device)
             weight = torch.full((batch,), float(n), dtype=torch.float64, device=device)
         elif self.times == "importance" and self.probabilities is not None:
             probs = self.probabilities(n, device)
@@ -377,7 +399,10 @@ def forward_guide(diffusion, x0: torch.Tensor, grid: torch.Tensor, order: str = 
                 x_t = pyro.sample(site_name(t - 1), _event(q, event_dims))
                 values[t - 1] = x_t
         else:
-            x_prev = pyro.sample(site_name(1), _event(diffusion.marginal(x0, grid[0]), event_dims))
+            # q(x_1 | x_0) as a forward kernel: a marginal would pair analytically with the
+            # model's p(x_1 | x_2), a KL that conditions on an x_2 drawn after x_1
+            first = diffusion.marginal(x0, grid[0])
+            x_prev = pyro.sample(site_name(1), _event(ForwardTransition(first.loc, first.scale), event_dims))
             values[1] = x_prev
             for t in range(2, T + 1):
                 q = diffusion.forward_transition(x_prev, grid[t - 2], grid[t - 1])
@@ -479,3 +504,38 @@ def per_site_kl(model_trace, guide_trace) -> dict[str, torch.Tensor]:
             continue
         out[name] = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
     return out
+
+
+# ---------------------------------------------------------------------------- nn.Module forms
+class ReverseChain(PyroModule):
+    """The model as an ``nn.Module``: ``forward(x0=None, **kwargs)`` runs ``diffusion.model``
+    under ``pyro.settings`` ``module_local_params=True``, so the diffusion's parameters stay
+    ordinary module parameters and nothing enters Pyro's param store.  Its parameters are the
+    diffusion's, so ``loss(ReverseChain(d), ForwardChain(d))`` is an ``ELBOModule`` that a plain
+    PyTorch (or Lightning, or DDP) loop optimizes with a torch optimizer."""
+
+    def __init__(self, diffusion) -> None:
+        super().__init__()
+        self.diffusion = diffusion
+
+    def forward(self, x0=None, **kwargs):
+        with pyro.settings.context(module_local_params=True):
+            return self.diffusion.model(x0, **kwargs)
+
+
+class ForwardChain(PyroModule):
+    """The guide as an ``nn.Module`` with no parameters of its own (the diffusion is held, not
+    registered): ``forward(x0, **kwargs)`` runs ``diffusion.guide`` in ``order``, with
+    module-local parameters like :class:`ReverseChain`."""
+
+    def __init__(self, diffusion, order: str = "posterior") -> None:
+        super().__init__()
+        if order not in GUIDE_ORDERS:
+            raise ValueError(f"order: expected one of {GUIDE_ORDERS}, got {order!r}")
+        object.__setattr__(self, "_diffusion", diffusion)
+        self.order = order
+
+    def forward(self, x0=None, **kwargs):
+        kwargs.setdefault("order", self.order)
+        with pyro.settings.context(module_local_params=True):
+            return self._diffusion.guide(x0, **kwargs)

@@ -6,6 +6,7 @@
     pyro-diffusion train    --out runs/moons --steps 6000 --resume     # continue the run
     pyro-diffusion evaluate --run runs/moons                            # test bits/dim
     pyro-diffusion sample   --run runs/moons --num 1000
+    pyro-diffusion sample   --run runs/moons --num-steps 50 --sampler ddim   # 50 respaced levels
     pyro-diffusion compare  --data digits --quick --out runs/demo
 
 Every subcommand explains its flags with ``--help``; see docs/cli.md.
@@ -19,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from .training import OBJECTIVES, SCHEDULES, TrainConfig
+from .training import NETWORKS, OBJECTIVES, SCHEDULES, TrainConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -31,6 +32,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
     return value
 
 
@@ -57,16 +68,28 @@ def _add_model_flags(parser: argparse.ArgumentParser, compare: bool = False) -> 
     parser.add_argument(
         "--num-steps",
         type=_positive_int,
-        help=f"T, the number of diffusion steps (default {defaults.num_steps})",
+        help=f"T, the model's number of noise levels (diffusion steps) (default {defaults.num_steps})",
     )
     parser.add_argument(
         "--schedule",
         choices=sorted(SCHEDULES),
-        help="noise schedule: linear (DDPM), cosine (Improved DDPM) or log-snr (log SNR linear in t "
-        "between --log-snr-max and --log-snr-min); default log-snr for K-level data, linear otherwise",
+        help="noise schedule: linear (DDPM), cosine (Improved DDPM), log-snr (log SNR linear in t "
+        "between --log-snr-max and --log-snr-min), all tabulated on T levels; or gamma-linear (VDM's "
+        "γ = −log SNR linear in time), gamma-cosine, learned (VDM's learned γ), functions of time on a "
+        "T-level grid between --gamma-min and --gamma-max; default log-snr for K-level data, linear otherwise",
     )
-    parser.add_argument("--beta-start", type=float, help="β_1 of the linear schedule (default 1e-4·1000/T)")
-    parser.add_argument("--beta-end", type=float, help="β_T of the linear schedule (default 0.02·1000/T)")
+    parser.add_argument(
+        "--beta-start",
+        type=float,
+        help="β_1 of the linear schedule, β linear in t (default, with --beta-end unset too: DDPM's "
+        "1000-step range of noise levels at T levels; else 1e-4·1000/T)",
+    )
+    parser.add_argument(
+        "--beta-end",
+        type=float,
+        help="β_T of the linear schedule (default, with --beta-start unset too: as for --beta-start; "
+        "else 0.02·1000/T)",
+    )
     parser.add_argument(
         "--log-snr-max",
         type=float,
@@ -78,7 +101,19 @@ def _add_model_flags(parser: argparse.ArgumentParser, compare: bool = False) -> 
         help=f"log SNR at t = T for --schedule log-snr (default {defaults.log_snr_min})",
     )
     parser.add_argument(
-        "--network", choices=["mlp", "unet"], help="denoiser: mlp (on the flattened datum, default) or unet"
+        "--gamma-min",
+        type=float,
+        help="γ = −log SNR at t = 0 for gamma-linear, gamma-cosine, learned (default −13.3, −10, −10)",
+    )
+    parser.add_argument(
+        "--gamma-max",
+        type=float,
+        help="γ = −log SNR at t = 1 for gamma-linear, gamma-cosine, learned (default 5, 10, 6)",
+    )
+    parser.add_argument(
+        "--network",
+        choices=sorted(NETWORKS),
+        help="denoiser: mlp (on the flattened datum, default) or unet",
     )
     parser.add_argument(
         "--hidden", type=_positive_int, help=f"MLP width / U-Net base channels ({defaults.hidden})"
@@ -107,6 +142,8 @@ _FIELDS = {
     "beta_end": "beta_end",
     "log_snr_max": "log_snr_max",
     "log_snr_min": "log_snr_min",
+    "gamma_min": "gamma_min",
+    "gamma_max": "gamma_max",
     "network": "network",
     "hidden": "hidden",
     "depth": "depth",
@@ -161,10 +198,31 @@ def build_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser(
         "sample",
         help="draw samples from a trained run",
-        description="Ancestral sampling from a run's reverse chain. Writes samples (.pt) and a figure (.png).",
+        description="Sample a run's reverse chain (ancestral, or DDIM) on its own grid of noise levels or "
+        "on K of them. Writes samples (.pt) and a figure (.png).",
     )
     sample.add_argument("--run", required=True, help="run directory written by `train`")
     sample.add_argument("--num", type=_positive_int, default=64, help="number of samples (default 64)")
+    sample.add_argument(
+        "--num-steps",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="sample on K noise levels (for a DDPM schedule, K evenly spaced levels of the model's own: "
+        "respacing; default: the model's own T)",
+    )
+    sample.add_argument(
+        "--sampler",
+        choices=("ancestral", "ddim"),
+        default="ancestral",
+        help="ancestral: the model's reverse steps; ddim: DDIM with --eta (default ancestral)",
+    )
+    sample.add_argument(
+        "--eta",
+        type=_unit_interval,
+        default=None,
+        help="DDIM's η in [0, 1]: 0 deterministic (the default), 1 the posterior variance; only with --sampler ddim",
+    )
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampler's noise (default 0)")
     sample.add_argument("--device", default=None, help="torch device (default: the run's)")
     sample.add_argument("--out", default=None, help="output file stem (default RUN/samples_seedS)")
@@ -206,27 +264,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--samples", type=_positive_int, help="samples per run for quality metrics")
     compare.add_argument("--no-baselines", action="store_true", help="skip the categorical baselines")
-    from .vdm.experiment import CONFIGS as VDM_CONFIGS
-    from .vdm.experiment import RECIPES as VDM_RECIPES
-
+    study = _schedule_study()
     compare.add_argument(
         "--vdm",
         nargs="+",
         default=None,
         metavar="CONFIG",
-        help="also compare noise schedules on the γ-parameterized (VDM) diffusion, written to OUT/vdm: "
-        f"{', '.join(VDM_CONFIGS)} or linear:GMIN:GMAX (see docs/learned_schedules.md)",
+        help="also run the schedule study (fixed against learned γ = −log SNR, continuous time), written "
+        f"to OUT/vdm: {', '.join(study.CONFIGS)} or linear:GMIN:GMAX (see docs/learned_schedules.md)",
     )
     compare.add_argument(
         "--vdm-recipe",
-        choices=tuple(VDM_RECIPES),
+        choices=tuple(study.RECIPES),
         default="short",
         help="training recipe of the --vdm runs: 'short' (2,500 steps, plain decoder) or 'regularized' "
-        "(the denoiser decoder, checkpoints selected on 200 held-out images, EMA, weight decay, at most "
+        "(the network decoder, checkpoints selected on 200 held-out images, EMA, weight decay, at most "
         "8,000 steps, tuned endpoints [−2, 4]: the recipe of the best results in docs/learned_schedules.md)",
     )
     _add_model_flags(compare, compare=True)
     return parser
+
+
+def _schedule_study():
+    """The schedule study (imported here, for ``compare`` only: the core never imports the
+    experiments)."""
+    from .experiments import schedule_study
+
+    return schedule_study
 
 
 def _train(args) -> int:
@@ -255,9 +319,14 @@ def _sample(args) -> int:
     from . import plots
     from .training import load_run
 
+    if args.eta is not None and args.sampler != "ddim":
+        raise ValueError(f"--eta: only for --sampler ddim, got --sampler {args.sampler}")
     config, diffusion, dataset = load_run(args.run, args.device)
+    options = {"eta": args.eta or 0.0} if args.sampler == "ddim" else {}
     torch.manual_seed(args.seed)
-    samples = diffusion.sample(args.num, progress=not args.no_progress).cpu()
+    samples = diffusion.sample(
+        args.num, num_steps=args.num_steps, method=args.sampler, progress=not args.no_progress, **options
+    ).cpu()
     stem = Path(args.out) if args.out else Path(args.run) / f"samples_seed{args.seed}"
     stem.parent.mkdir(parents=True, exist_ok=True)
     torch.save(samples, stem.with_suffix(".pt"))
@@ -280,13 +349,12 @@ def _evaluate(args) -> int:
 
 
 def _compare(args) -> int:
-    from .compare import QUICK, run_comparison
+    from .experiments.compare import QUICK, run_comparison
 
+    study = _schedule_study() if args.vdm else None
     if args.vdm:  # before the long core comparison, not after it
-        from .vdm.experiment import check_config
-
         for name in args.vdm:
-            check_config(name)
+            study.check_config(name)
     base = TrainConfig(data="digits")
     if args.quick:
         base = dataclasses.replace(base, **QUICK)
@@ -303,9 +371,7 @@ def _compare(args) -> int:
     )
     print(f"wrote {Path(args.out) / 'results.md'}")
     if args.vdm:
-        from .vdm.experiment import run_vdm_comparison
-
-        run_vdm_comparison(
+        study.run_vdm_comparison(
             args.vdm,
             seeds,
             Path(args.out) / "vdm",

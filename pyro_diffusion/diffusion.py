@@ -60,7 +60,9 @@ def check_event_shape(event_shape) -> torch.Size:
     except TypeError as error:
         raise TypeError(f"event_shape: expected a tuple of ints, got {event_shape!r}") from error
     if len(event_shape) == 0 or any(d < 1 for d in event_shape):
-        raise ValueError(f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}")
+        raise ValueError(
+            f"event_shape: expected a non-empty shape of positive sizes, got {tuple(event_shape)}"
+        )
     return event_shape
 
 
@@ -77,7 +79,9 @@ def check_batch(x0, event_shape: torch.Size, device=None, argument: str = "x0") 
             f"for event_shape {tuple(event_shape)}, got {tuple(x0.shape)}"
         )
     if device is not None and x0.device != device:
-        raise ValueError(f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)")
+        raise ValueError(
+            f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)"
+        )
     if is_validation_enabled() and not torch.isfinite(x0).all():
         raise ValueError(f"{argument}: contains NaN or infinite values")
     return x0
@@ -151,7 +155,9 @@ class Diffusion(nn.Module):
         if not isinstance(denoiser, nn.Module):
             raise TypeError(f"denoiser: expected an nn.Module, got {type(denoiser).__name__}")
         if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule: expected a Schedule (pyro_diffusion.schedules), got {type(schedule).__name__}")
+            raise TypeError(
+                f"schedule: expected a Schedule (pyro_diffusion.schedules), got {type(schedule).__name__}"
+            )
         event_shape = check_event_shape(event_shape)
         if mean not in MEANS:
             raise ValueError(f"mean: expected one of {MEANS}, got {mean!r}")
@@ -159,7 +165,9 @@ class Diffusion(nn.Module):
             raise ValueError(f"variance: expected one of {VARIANCES}, got {variance!r}")
         if decoder not in DECODERS:
             raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
-        if num_levels is not None and (isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2):
+        if num_levels is not None and (
+            isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2
+        ):
             raise ValueError(f"num_levels: expected None or an integer K >= 2, got {num_levels!r}")
         if guide_order not in chains.GUIDE_ORDERS:
             raise ValueError(f"guide_order: expected one of {chains.GUIDE_ORDERS}, got {guide_order!r}")
@@ -168,7 +176,9 @@ class Diffusion(nn.Module):
         ):
             raise ValueError(f"anchor: expected None or a finite float, got {anchor!r}")
         if autocast_dtype is not None and autocast_dtype not in (torch.bfloat16, torch.float16):
-            raise ValueError(f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}")
+            raise ValueError(
+                f"autocast_dtype: expected None, torch.bfloat16 or torch.float16, got {autocast_dtype!r}"
+            )
         if num_steps is None:
             num_steps = schedule.num_steps or DEFAULT_NUM_STEPS
         check_num_steps(num_steps)
@@ -275,7 +285,11 @@ class Diffusion(nn.Module):
         if tuple(output.shape) != expected:
             raise ValueError(
                 f"denoiser: returned shape {tuple(output.shape)}, expected {expected}"
-                + (" (mean and variance stacked on dim 1 for variance='learned')" if self.variance == "learned" else "")
+                + (
+                    " (mean and variance stacked on dim 1 for variance='learned')"
+                    if self.variance == "learned"
+                    else ""
+                )
             )
         if self.variance == "learned":
             mean_part, variance_part = output.chunk(2, dim=1)
@@ -291,7 +305,9 @@ class Diffusion(nn.Module):
         gamma = _levels(gamma, z, self.event_dims)
         if self.mean == "mu":
             if gamma_s is None:
-                raise ValueError("mean: 'mu' predicts the mean of one discrete step; it has no continuous-time form")
+                raise ValueError(
+                    "mean: 'mu' predicts the mean of one discrete step; it has no continuous-time form"
+                )
             return predict_from_mean(output, z, _levels(gamma_s, z, self.event_dims), gamma), variance_output
         return predict(self.mean, output, z, gamma), variance_output
 
@@ -320,7 +336,10 @@ class Diffusion(nn.Module):
 
     def forward_transition(self, z_prev, gamma_prev, gamma_t) -> chains.ForwardTransition:
         """q(z_t | z_prev) = N(α_t/α_prev · z_prev, c σ_t²), the forward-order kernel."""
-        gamma_prev, gamma_t = _levels(gamma_prev, z_prev, self.event_dims), _levels(gamma_t, z_prev, self.event_dims)
+        gamma_prev, gamma_t = (
+            _levels(gamma_prev, z_prev, self.event_dims),
+            _levels(gamma_t, z_prev, self.event_dims),
+        )
         coef = step_coefficients(gamma_prev, gamma_t, z_prev)
         log_a2_p, _ = alpha_sigma_log(gamma_prev.to(torch.float64))
         log_a2_t, _ = alpha_sigma_log(gamma_t.to(torch.float64))
@@ -348,7 +367,9 @@ class Diffusion(nn.Module):
             x0_hat, eps_hat = x0_hat.detach(), eps_hat.detach()
         log_var = reverse_log_variance(self.variance, coef, variance_output)
         scale = torch.exp(0.5 * log_var).expand_as(z_t)
-        step = chains.ReverseStep(posterior_mean(coef, x0_hat, z_t), scale, eps_hat, log_var, self.variance == "small")
+        step = chains.ReverseStep(
+            posterior_mean(coef, x0_hat, z_t), scale, eps_hat, log_var, self.variance == "small"
+        )
         return step, prediction
 
     def decoder_distribution(
@@ -370,7 +391,8 @@ class Diffusion(nn.Module):
             log_var = broadcast(gamma_1, z_1)
         else:
             if prediction is None:
-                prediction, variance_output = self.predict(z_1, gamma_1, gamma_1.new_tensor(-math.inf))
+                # γ_0 = −∞ (x_0 itself) for mean="mu"; filled on the device, not copied to it
+                prediction, variance_output = self.predict(z_1, gamma_1, torch.full_like(gamma_1, -math.inf))
             loc = prediction.x0.detach() if detach_mean else prediction.x0
             if self.decoder == "network":
                 log_var = broadcast(gamma_1, z_1) + 2 * self.decoder_log_scale.to(z_1.dtype)
@@ -450,16 +472,25 @@ class Diffusion(nn.Module):
     ):
         """The forward chain q(x_{1:T} | x_0) as a Pyro guide (``order`` "posterior", the
         default and exact under ``TraceMeanField_ELBO``, or "forward"); with ``steps``, the
-        step-restricted form.  Returns ``{t: x_t}`` (full chain) or the step's x_t."""
+        step-restricted form.  Returns ``{t: x_t}`` (full chain) or the step's x_t.  (The
+        parameters it uses, a learned schedule's, enter Pyro's param store through
+        :meth:`model`, which every ELBO runs.)"""
         if x0 is None:
             raise ValueError("x0: the guide q(x_{1:T} | x_0) needs data; got None")
         self.check_data(x0)
-        self.register()
         if steps is not None:
             T = self._check_num_steps(num_steps, allow_continuous=True)
             return chains.step_guide(self, x0, steps.levels(self, T, x0.shape[0], x0.device))
         T = self._check_num_steps(num_steps, allow_continuous=False)
         return chains.forward_guide(self, x0, self.grid(T), order or self.guide_order)
+
+    def model_module(self) -> chains.ReverseChain:
+        """The model as an ``nn.Module`` (for ``ELBOModule`` and plain PyTorch loops)."""
+        return chains.ReverseChain(self)
+
+    def guide_module(self, order: str | None = None) -> chains.ForwardChain:
+        """The guide as an ``nn.Module`` with no parameters of its own."""
+        return chains.ForwardChain(self, order or self.guide_order)
 
     # ------------------------------------------------------------------ bound and sampling
     def vlb_terms(self, x0: torch.Tensor, **kwargs) -> torch.Tensor:
@@ -509,7 +540,9 @@ def GaussianDiffusion(
         raise TypeError(f"schedule: expected a NoiseSchedule, got {type(schedule).__name__}")
     if decoder not in ("gaussian", "discretized"):
         raise ValueError(f"decoder: expected 'gaussian' or 'discretized', got {decoder!r}")
-    if decoder == "discretized" and (isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2):
+    if decoder == "discretized" and (
+        isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2
+    ):
         raise ValueError(f"num_levels: decoder='discretized' needs an integer K >= 2, got {num_levels!r}")
     return Diffusion(
         denoiser,

@@ -1,9 +1,11 @@
-r"""Data-parallel training on several processes, GPUs and nodes (DESIGN.md §8).
+r"""Data-parallel training on several processes, GPUs and nodes.
 
 Nothing here is home-made distributed machinery: the loss of one
-:class:`~pyro_diffusion.GaussianDiffusion` becomes an ``nn.Module`` through Pyro's
-``ELBOModule`` — ``loss(diffusion.model_module(), diffusion.guide_module())`` — and that
-module is wrapped in PyTorch's :class:`~torch.nn.parallel.DistributedDataParallel`, which
+:class:`~pyro_diffusion.Diffusion` becomes an ``nn.Module`` through Pyro's ``ELBOModule`` —
+``loss(model, guide)`` over the diffusion's programs as modules
+(:func:`~pyro_diffusion.training.elbo_module`, which runs them with
+``module_local_params=True``, so nothing enters Pyro's global param store) — and that module
+is wrapped in PyTorch's :class:`~torch.nn.parallel.DistributedDataParallel`, which
 all-reduces the gradients during ``backward``.
 
 **Gradient scaling.**  Pyro's losses (and this package's) are *sums* over the batch, while
@@ -47,7 +49,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from .losses import HybridLoss, SimplifiedLoss, StepSubsampledELBO
+from .diffusion import Diffusion
+from .losses import DiffusionELBO, HybridLoss, SimplifiedLoss
+from .training import elbo_module
 
 __all__ = ["REDUCTIONS", "data_parallel_module", "data_parallel_step", "main"]
 
@@ -68,11 +72,10 @@ def data_parallel_module(
     denoiser's parameters across processes.
 
     Args:
-        diffusion: a :class:`~pyro_diffusion.GaussianDiffusion`, already on this process's
-            device.
-        loss: a Pyro ELBO over the diffusion's chains (default
-            :class:`~pyro_diffusion.StepSubsampledELBO`, the full ELBO with one network call;
-            ``pyro.infer.TraceMeanField_ELBO()`` runs the sequential chain).
+        diffusion: a :class:`~pyro_diffusion.Diffusion`, already on this process's device.
+        loss: a Pyro ELBO over the diffusion's programs (default
+            :class:`~pyro_diffusion.DiffusionELBO`, the full ELBO with one network call;
+            ``pyro.infer.TraceMeanField_ELBO()`` runs the whole chain).
         device_ids: DDP's ``device_ids`` (``[local_rank]`` on a GPU, ``None`` on CPU).
         ddp_kwargs: passed to ``DistributedDataParallel``; buffers are not re-sent at every
             forward by default (``forward_sync_buffers=False``, or ``broadcast_buffers=False``
@@ -86,20 +89,19 @@ def data_parallel_module(
             "torch.distributed.init_process_group (torchrun sets the environment for it)"
         )
     if loss is None:
-        loss = StepSubsampledELBO()
+        loss = DiffusionELBO()
     if not isinstance(loss, ELBO):
         raise TypeError(f"loss: expected a pyro.infer.ELBO instance, got {type(loss).__name__}")
-    for name in ("model_module", "guide_module"):
-        if not callable(getattr(diffusion, name, None)):
-            raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
-    elbo_module = loss(diffusion.model_module(), diffusion.guide_module())
+    if not isinstance(diffusion, Diffusion):
+        raise TypeError(f"diffusion: expected a Diffusion, got {type(diffusion).__name__}")
+    module = elbo_module(diffusion, loss)
     if "broadcast_buffers" not in ddp_kwargs and "forward_sync_buffers" not in ddp_kwargs:
         # the name changed in recent PyTorch; either way, don't re-send constants every step
         parameters = inspect.signature(DistributedDataParallel.__init__).parameters
         ddp_kwargs[
             "forward_sync_buffers" if "forward_sync_buffers" in parameters else "broadcast_buffers"
         ] = False
-    return DistributedDataParallel(elbo_module, device_ids=device_ids, **ddp_kwargs)
+    return DistributedDataParallel(module, device_ids=device_ids, **ddp_kwargs)
 
 
 def data_parallel_step(
@@ -139,23 +141,33 @@ def data_parallel_step(
 
 
 # ------------------------------------------------------------------------------ torchrun entry
-LOSSES = {"elbo": StepSubsampledELBO, "simple": SimplifiedLoss, "hybrid": HybridLoss}
+LOSSES = {"elbo": DiffusionELBO, "simple": SimplifiedLoss, "hybrid": HybridLoss}
 
 
 def _build(args, data, device):
+    """A DDPM (:func:`~pyro_diffusion.GaussianDiffusion`): an MLP for vector data, a U-Net for
+    images; learned variances for the hybrid loss."""
     from .diffusion import GaussianDiffusion
     from .nets import MLPDenoiser, UNetDenoiser
-    from .schedule import NoiseSchedule
+    from .schedules import NoiseSchedule
 
     event_shape = tuple(data.train.shape[1:])
     schedule = NoiseSchedule.cosine(args.num_steps) if args.schedule == "cosine" else None
     schedule = schedule or NoiseSchedule.linear(args.num_steps)
+    learned = args.loss == "hybrid"
     if len(event_shape) == 1:
-        net = MLPDenoiser(event_shape[0], hidden=args.hidden)
+        net = MLPDenoiser(event_shape, hidden=args.hidden, learned_variance=learned)
     else:
-        net = UNetDenoiser(event_shape[0], base=args.hidden // 4 or 8)
+        net = UNetDenoiser(event_shape[0], base=args.hidden // 4 or 8, learned_variance=learned)
     decoder = "discretized" if data.num_levels else "gaussian"
-    diffusion = GaussianDiffusion(net, schedule, event_shape, decoder=decoder, num_levels=data.num_levels)
+    diffusion = GaussianDiffusion(
+        net,
+        schedule,
+        event_shape,
+        variance="learned" if learned else "large",
+        decoder=decoder,
+        num_levels=data.num_levels,
+    )
     return diffusion.to(device)
 
 

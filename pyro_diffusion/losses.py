@@ -38,7 +38,9 @@ def _check_num_steps(num_steps):
     if num_steps is None:
         return None
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 0:
-        raise ValueError(f"num_steps: expected None (the model's grid), 0 (continuous time) or T >= 1, got {num_steps!r}")
+        raise ValueError(
+            f"num_steps: expected None (the model's grid), 0 (continuous time) or T >= 1, got {num_steps!r}"
+        )
     return num_steps
 
 
@@ -63,8 +65,14 @@ def trace_terms(model_trace, guide_trace) -> dict[str, torch.Tensor]:
             terms[name] = scale_and_mask(kl, guide_site["scale"], guide_site["mask"])
         except NotImplementedError:
             log_p = scale_and_mask(site["fn"].log_prob(site["value"]), site["scale"], site["mask"])
-            log_q = scale_and_mask(guide_site["fn"].log_prob(guide_site["value"]), guide_site["scale"], guide_site["mask"])
+            log_q = scale_and_mask(
+                guide_site["fn"].log_prob(guide_site["value"]), guide_site["scale"], guide_site["mask"]
+            )
             terms[name] = log_q - log_p
+    if not terms:
+        raise ValueError(
+            "model, guide: the model's trace has no sample sites; expected a program over x_0 and its latents"
+        )
     return terms
 
 
@@ -166,7 +174,9 @@ class DiffusionELBO(_StepLoss):
             raise ValueError(f"warmup: expected a non-negative integer, got {warmup!r}")
         continuous = self.num_steps == 0
         if minimize_variance and not continuous:
-            raise ValueError("minimize_variance: only in continuous time (num_steps=0), where the bound ignores the shape")
+            raise ValueError(
+                "minimize_variance: only in continuous time (num_steps=0), where the bound ignores the shape"
+            )
         if times == "importance" and continuous:
             raise ValueError("times: 'importance' needs a grid (num_steps=None or T), not continuous time")
         self.minimize_variance = continuous if minimize_variance is None else bool(minimize_variance)
@@ -217,7 +227,9 @@ class DiffusionELBO(_StepLoss):
             step = terms.get("x_s", torch.zeros_like(total))
             if levels.on_decoder is not None and "x_0" in terms:
                 step = torch.where(levels.on_decoder, terms["x_0"], step)
-            self._record(levels.index - levels.first, step / levels.weight.to(step.dtype), levels.num_candidates)
+            self._record(
+                levels.index - levels.first, step / levels.weight.to(step.dtype), levels.num_candidates
+            )
         if self.minimize_variance and levels is not None and torch.is_grad_enabled() and total.requires_grad:
             factor = 2 * total.detach()
             for output in levels.shape_outputs:
@@ -241,17 +253,33 @@ def _eps_terms(model_trace, guide_trace, draw) -> torch.Tensor:
         scale = scale / draw.drawn.weight.to(scale.dtype)
     else:
         scale = scale / draw.drawn.weight
-    return scale_and_mask(squared, scale.to(squared.dtype) if isinstance(scale, torch.Tensor) else scale, site["mask"])
+    return scale_and_mask(
+        squared, scale.to(squared.dtype) if isinstance(scale, torch.Tensor) else scale, site["mask"]
+    )
 
 
 class SimplifiedLoss(_StepLoss):
     r"""L_simple = ‖ε − ε̂_θ(x_t, γ_t)‖² per datum, the step uniform over the grid (or over
     [0, 1] with ``num_steps=0``).  Summed over the datum's dimensions and the batch.  With
     ε-prediction and fixed variances it equals the per-step KLs with step t's weight changed from
-    1 to 1/λ_t, up to constants (``docs/derivation.md``).  Not a bound on −log p."""
+    1 to 1/λ_t, up to constants (``docs/derivation.md``).  Not a bound on −log p, so a learned
+    schedule gets no gradient from it: the noise levels of its draws are detached."""
+
+    def make_draw(self) -> StepDraw:
+        return _DetachedLevels(self.times)
 
     def per_datum(self, model_trace, guide_trace, draw) -> torch.Tensor:
         return _eps_terms(model_trace, guide_trace, draw)
+
+
+class _DetachedLevels(StepDraw):
+    """A :class:`StepDraw` whose noise levels carry no gradient to the schedule."""
+
+    def _draw(self, diffusion, num_steps, batch, device):
+        levels = super()._draw(diffusion, num_steps, batch, device)
+        fields = ("gamma_t", "gamma_s", "rate", "gamma_1", "gamma_T")
+        detached = {f: getattr(levels, f).detach() for f in fields if getattr(levels, f) is not None}
+        return levels._replace(shape_outputs=(), **detached)
 
 
 class HybridLoss(_StepLoss):

@@ -2,9 +2,9 @@
 
 * :func:`loss_curves` — training loss against SVI step, one line per run (smoothed).
 * :func:`term_profile` — the per-step terms L_t against t in bits/dim: where the bound spends
-  its bits (DESIGN.md §6).
+  its bits.
 * :func:`sample_grid` / :func:`scatter` — samples of images or of 2-D data.
-* :func:`forward_chain` — one datum noised by q(x_t | x_0) at a few steps.
+* :func:`forward_chain` — one datum noised by q(x_t | x_0) at a few levels of a grid.
 """
 
 from __future__ import annotations
@@ -115,13 +115,36 @@ def scatter(sets: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     return _save(fig, path)
 
 
+def _levels(levels) -> torch.Tensor:
+    """The noise levels γ_1 < … < γ_T of ``levels``: a tensor of them, a diffusion (its own
+    grid) or a schedule with a native grid."""
+    if isinstance(levels, torch.Tensor):
+        gammas = levels
+    elif callable(getattr(levels, "grid", None)):
+        gammas = levels.grid()
+    else:
+        raise TypeError(
+            "levels: expected a 1-D tensor of noise levels, a Diffusion or a Schedule with a native grid, "
+            f"got {type(levels).__name__}"
+        )
+    gammas = gammas.detach().cpu().to(torch.float64)
+    if gammas.dim() != 1 or gammas.numel() < 1:
+        raise ValueError(
+            f"levels: expected a non-empty 1-D grid of noise levels, got shape {tuple(gammas.shape)}"
+        )
+    return gammas
+
+
 def forward_chain(
-    schedule, x0: torch.Tensor, path: str | Path, steps: Sequence[int] | None = None, seed: int = 0
+    levels, x0: torch.Tensor, path: str | Path, steps: Sequence[int] | None = None, seed: int = 0
 ) -> Path:
-    """One datum ``x0`` (shape ``event_shape``) noised by q(x_t | x_0) = N(√ᾱ_t x_0, (1−ᾱ_t) I)
-    at the given 1-based ``steps`` (default: 8 steps spread over 1..T); images are shown as
-    pictures, 2-D data as a cloud of 500 draws per step."""
-    T = schedule.num_steps
+    """One datum ``x0`` (shape ``event_shape``) noised by q(x_t | x_0) = N(α_t x_0, σ_t² I),
+    α_t² = ᾱ_t = sigmoid(−γ_t), at the given 1-based ``steps`` of the grid ``levels`` (a
+    :class:`~pyro_diffusion.diffusion.Diffusion`, whose own grid is used, a schedule with a
+    native grid, or a tensor of levels γ_1 < … < γ_T; default steps: 8 spread over 1..T);
+    images are shown as pictures, 2-D data as a cloud of 500 draws per step."""
+    gammas = _levels(levels)
+    T = gammas.shape[0]
     steps = (
         list(steps) if steps is not None else sorted({1, *np.linspace(1, T, 8).round().astype(int).tolist()})
     )
@@ -129,7 +152,7 @@ def forward_chain(
         raise ValueError(f"steps: expected 1-based steps in 1..{T}, got {steps}")
     g = torch.Generator().manual_seed(seed)
     x0 = torch.as_tensor(x0).detach().cpu().double()
-    abar = schedule.alphas_cumprod.detach().cpu()
+    abar = torch.sigmoid(-gammas)
     image = x0.dim() == 3
     fig, axes = plt.subplots(1, len(steps) + 1, figsize=(1.4 * (len(steps) + 1), 1.8 if image else 1.6))
     draws = 1 if image else 500

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from tqdm.auto import tqdm
 
 from .decoders import DiscretizedGaussian
@@ -31,10 +32,14 @@ __all__ = ["SAMPLERS", "ancestral", "ddim", "sample", "check_grid"]
 
 
 def check_grid(gammas: torch.Tensor) -> torch.Tensor:
-    """``gammas`` as a strictly increasing float64 1-D tensor, or a ValueError."""
+    """``gammas`` as a strictly increasing float64 1-D tensor, or a ValueError.  The values are
+    read (finite, increasing) on the CPU, and on a GPU only with Pyro's validation on, so that a
+    sampling call need not wait for the device."""
     if not isinstance(gammas, torch.Tensor) or gammas.dim() != 1 or gammas.numel() < 1:
         raise ValueError(f"gammas: expected a non-empty 1-D tensor of noise levels, got {gammas!r:.80}")
     gammas = gammas.detach().to(torch.float64)
+    if gammas.device.type != "cpu" and not is_validation_enabled():
+        return gammas
     if not torch.isfinite(gammas).all() or not (gammas[1:] > gammas[:-1]).all():
         raise ValueError("gammas: expected finite, strictly increasing noise levels γ_1 < … < γ_K")
     return gammas

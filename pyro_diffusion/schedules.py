@@ -118,7 +118,8 @@ class Schedule(nn.Module):
 
     def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(γ(0), γ(1)) as float64 scalars (differentiable for learned schedules)."""
-        values = self.gamma(torch.tensor([0.0, 1.0], dtype=torch.float64, device=self._device()))
+        # made on the device (a tensor copied from the host would make the call wait for it)
+        values = self.gamma(torch.linspace(0.0, 1.0, 2, dtype=torch.float64, device=self._device()))
         return values[0], values[1]
 
     def grid_times(self, num_steps: int) -> torch.Tensor:
@@ -192,7 +193,9 @@ class NoiseSchedule(Schedule):
         # γ = log(1 − ᾱ) − log ᾱ
         gammas = torch.log(-torch.expm1(log_alphas_cumprod)) - log_alphas_cumprod
         if not (gammas[1:] > gammas[:-1]).all():
-            raise ValueError("betas: the noise level must grow with t; got a schedule whose ᾱ_t does not fall")
+            raise ValueError(
+                "betas: the noise level must grow with t; got a schedule whose ᾱ_t does not fall"
+            )
         self.register_buffer("gammas", gammas)
         self.num_steps = betas.shape[0]
 
@@ -201,7 +204,9 @@ class NoiseSchedule(Schedule):
         """The schedule whose levels are the given strictly increasing γ_1..γ_T."""
         gammas = torch.as_tensor(gammas, dtype=torch.float64)
         if gammas.dim() != 1 or gammas.numel() == 0 or not torch.isfinite(gammas).all():
-            raise ValueError(f"gammas: expected a non-empty 1-D tensor of finite values, got {tuple(gammas.shape)}")
+            raise ValueError(
+                f"gammas: expected a non-empty 1-D tensor of finite values, got {tuple(gammas.shape)}"
+            )
         if not (gammas[1:] > gammas[:-1]).all():
             raise ValueError("gammas: expected strictly increasing values (noise grows with t)")
         log_abar = F.logsigmoid(-gammas)
@@ -209,7 +214,9 @@ class NoiseSchedule(Schedule):
         return cls(-torch.expm1(log_abar - prev))
 
     @classmethod
-    def linear(cls, num_steps: int, beta_start: float | None = None, beta_end: float | None = None) -> NoiseSchedule:
+    def linear(
+        cls, num_steps: int, beta_start: float | None = None, beta_end: float | None = None
+    ) -> NoiseSchedule:
         """DDPM's linear schedule.  With explicit ``beta_start``/``beta_end``: β linear between
         them over T steps.  By default: DDPM's 1,000-step schedule (β from 1e-4 to 0.02) as a
         function of time, at T evenly spaced levels — the same numbers at T = 1000, and at
@@ -229,10 +236,18 @@ class NoiseSchedule(Schedule):
         return cls(torch.linspace(beta_start, beta_end, num_steps, dtype=torch.float64))
 
     @classmethod
-    def cosine(cls, num_steps: int, offset: float = 0.008, max_beta: float = 0.999) -> NoiseSchedule:
+    def cosine(cls, num_steps: int, offset: float = 0.008, max_beta: float = 0.9) -> NoiseSchedule:
         """Improved DDPM's cosine schedule ``ᾱ(t) = cos²((t/T + s)/(1 + s) · π/2)``, β_t clipped
-        at ``max_beta``."""
+        at ``max_beta``.
+
+        ᾱ(T) = 0, so the last β is always the clipped one.  Improved DDPM clips at 0.999, which
+        makes the first reverse step multiply the network's error in ε̂ by
+        β_T/√(α_T (1 − ᾱ_T)) ≈ 32 (harmless only when x̂ is clipped to the data's range); the
+        default 0.9 keeps that factor at 3, about what a linear schedule's largest step gives
+        at T = 10.  Pass ``max_beta=0.999`` for Improved DDPM's numbers."""
         check_num_steps(num_steps)
+        if not isinstance(max_beta, (int, float)) or not 0 < max_beta < 1:
+            raise ValueError(f"max_beta: expected a value in (0, 1), got {max_beta!r}")
         steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps
         f = torch.cos((steps + offset) / (1 + offset) * math.pi / 2) ** 2
         return cls((1 - f[1:] / f[:-1]).clamp(max=max_beta))
@@ -291,13 +306,19 @@ class NoiseSchedule(Schedule):
         return self.gammas[self.subgrid_steps(num_steps) - 1]
 
     def subgrid_steps(self, num_steps: int) -> torch.Tensor:
-        """The 1-based native steps of a K-level sub-grid, evenly spaced, first and last kept."""
+        """The 1-based native steps of a K-level sub-grid, evenly spaced, first and last kept
+        (on the levels' device)."""
         check_num_steps(num_steps)
         if num_steps > self.num_steps:
-            raise ValueError(f"num_steps: a sub-grid has at most T = {self.num_steps} levels, got {num_steps}")
+            raise ValueError(
+                f"num_steps: a sub-grid has at most T = {self.num_steps} levels, got {num_steps}"
+            )
+        device = self.gammas.device
         if num_steps == 1:
-            return torch.ones(1, dtype=torch.long)
-        return torch.round(torch.linspace(1, self.num_steps, num_steps, dtype=torch.float64)).long()
+            return torch.ones(1, dtype=torch.long, device=device)
+        return torch.round(
+            torch.linspace(1, self.num_steps, num_steps, dtype=torch.float64, device=device)
+        ).long()
 
     def extra_repr(self) -> str:
         b = self.betas
@@ -425,7 +446,9 @@ def _log_snr(num_steps: int, log_snr_max: float = 7.0, log_snr_min: float = -9.0
     """log SNR linear in t from ``log_snr_max`` (t = 1) to ``log_snr_min`` (t = T)."""
     if not log_snr_max > log_snr_min:
         raise ValueError(f"log_snr_max, log_snr_min: expected max > min, got {log_snr_max}, {log_snr_min}")
-    return NoiseSchedule.from_log_snr(torch.linspace(log_snr_max, log_snr_min, num_steps, dtype=torch.float64))
+    return NoiseSchedule.from_log_snr(
+        torch.linspace(log_snr_max, log_snr_min, num_steps, dtype=torch.float64)
+    )
 
 
 def _gamma_linear(num_steps: int, gamma_min: float = -13.3, gamma_max: float = 5.0, **_) -> Schedule:

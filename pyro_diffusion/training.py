@@ -1,32 +1,50 @@
-r"""Training runs: a configuration, a model built from it, and SVI over an objective.
+r"""Training runs: a configuration, a model built from it, and a loop over an objective.
 
 A run is a directory::
 
     config.json      the :class:`TrainConfig` (JSON), written when the run starts
     metrics.json     training loss history, steps, seconds; ``evaluate`` adds test bits/dim
-    checkpoint.pt    model, Pyro optimizer state, RNG states (torch, numpy, python), the
-                     data-order state and the objective's own state; written atomically
-                     every ``checkpoint_every`` steps (temp file, then ``os.replace``)
+    checkpoint.pt    model, optimizer and learning-rate schedule state, RNG states (torch,
+                     CUDA, numpy, python), the data-order state and the objective's own state;
+                     tensors and plain Python values only, so it loads with
+                     ``torch.load(..., weights_only=True)``; written atomically every
+                     ``checkpoint_every`` steps (temp file, then ``os.replace``)
     *.png            figures (:mod:`~pyro_diffusion.plots`)
 
 ``train(config, out, resume=True)`` continues a run exactly where its checkpoint stopped:
 the parameters after ``N`` steps are the same whether or not the run was interrupted.  A
 checkpoint written under another configuration is refused (:class:`ConfigMismatchError`).
 
-The objectives (DESIGN.md §4–5) map onto the core losses:
+**The model.**  :func:`build_diffusion` makes one :class:`~pyro_diffusion.diffusion.Diffusion`:
+the schedule ``config.schedule`` from :data:`~pyro_diffusion.schedules.SCHEDULES` (the DDPM
+tables ``linear``, ``cosine``, ``log-snr`` on their ``num_steps`` levels, or the functions of
+time ``gamma-linear``, ``gamma-cosine``, ``learned`` on a ``num_steps``-level grid), the
+network ``config.network`` (:data:`NETWORKS`), DDPM's decoder (``decoder="ddpm"``: the
+network's x̂ with variance β̃_2; discretized for K-level data) and the variance the objective
+asks for.  With a tabulated schedule this is exactly
+:func:`~pyro_diffusion.diffusion.GaussianDiffusion`.
 
-=========  ==================================================  ==================
-name       loss                                                variances
-=========  ==================================================  ==================
-elbo       ``StepSubsampledELBO()``: −ELBO, t ~ U{1..T}        fixed ("large")
-elbo-is    ``StepSubsampledELBO(importance=True)``             fixed ("large")
-simple     ``SimplifiedLoss()``: ‖ε − ε_θ‖²                    fixed ("large")
-hybrid     ``HybridLoss()``: L_simple + λ·L_vlb                learned
-=========  ==================================================  ==================
+**The objectives** map onto the core losses:
 
-:data:`OBJECTIVES` and :data:`SCHEDULES` are plain dicts: another module can add entries
-(``OBJECTIVES["mine"] = Objective(...)``) and the CLI and :mod:`~pyro_diffusion.compare`
-pick them up.
+=========  ======================================================  ==================
+name       loss                                                    variances
+=========  ======================================================  ==================
+elbo       ``DiffusionELBO()``: −ELBO, one t ~ U{1..T} per datum   fixed ("large")
+elbo-is    ``DiffusionELBO(times="importance")``                   fixed ("large")
+simple     ``SimplifiedLoss()``: ‖ε − ε_θ‖²                        fixed ("large")
+hybrid     ``HybridLoss()``: L_simple + λ·L_vlb                    learned
+=========  ======================================================  ==================
+
+**The optimizer.**  The loss of the model/guide pair is an ``nn.Module`` through Pyro's
+``ELBOModule`` (``loss(model, guide)``, :func:`elbo_module`), and a ``torch.optim.Adam`` over
+its parameters takes one step per minibatch: one optimizer for all parameters, its state a
+plain ``state_dict``.  The programs run under ``pyro.settings`` ``module_local_params=True``,
+so nothing is entered into Pyro's global param store.  ``lr_final_fraction < 1`` adds
+``torch.optim.lr_scheduler.ExponentialLR``.
+
+:data:`OBJECTIVES` and :data:`NETWORKS` are plain dicts: another module can add entries
+(``OBJECTIVES["mine"] = Objective(...)``) and the CLI and
+:mod:`~pyro_diffusion.experiments.compare` pick them up.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import tempfile
 import time
@@ -44,18 +63,17 @@ from pathlib import Path
 
 import numpy as np
 import pyro
-import pyro.optim
 import torch
-from pyro.infer import SVI
+from pyro.infer import ELBO
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import Dataset, load_dataset
-from .diffusion import GaussianDiffusion
-from .losses import HybridLoss, SimplifiedLoss, StepSubsampledELBO
+from .diffusion import Diffusion
+from .losses import DiffusionELBO, HybridLoss, SimplifiedLoss
 from .nets import MLPDenoiser, UNetDenoiser
-from .optim import FusedAdam
-from .schedule import NoiseSchedule
+from .parameterization import MEANS
+from .schedules import SCHEDULES, Schedule
 
 __all__ = [
     "TrainConfig",
@@ -64,11 +82,14 @@ __all__ = [
     "SCHEDULES",
     "NETWORKS",
     "ConfigMismatchError",
-    "FlatDenoiser",
+    "elbo_module",
     "build_schedule",
     "build_diffusion",
+    "make_optimizer",
     "train",
+    "load_checkpoint",
     "load_run",
+    "bound_bits_per_dim",
     "evaluate_run",
     "atomic_save",
     "write_json",
@@ -85,23 +106,23 @@ class Objective:
     """An entry of :data:`OBJECTIVES`: how to build the loss and which variances it needs.
 
     Args:
-        make_loss: ``() -> pyro.infer.ELBO`` usable in ``SVI``.
+        make_loss: ``() -> pyro.infer.ELBO``, a loss over the diffusion's model and guide.
         variance: ``"large"``, ``"small"`` or ``"learned"`` (the denoiser then outputs twice
             the channels).
         is_bound: whether the training loss estimates −ELBO (so its values are in nats).
         description: one line for ``--help`` and tables.
     """
 
-    make_loss: Callable[[], pyro.infer.ELBO]
+    make_loss: Callable[[], ELBO]
     variance: str = "large"
     is_bound: bool = True
     description: str = ""
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "elbo": Objective(StepSubsampledELBO, "large", True, "full ELBO, analytic per-step KLs, t ~ U{1..T}"),
+    "elbo": Objective(DiffusionELBO, "large", True, "full ELBO, analytic per-step KLs, t ~ U{1..T}"),
     "elbo-is": Objective(
-        lambda: StepSubsampledELBO(importance=True),
+        lambda: DiffusionELBO(times="importance"),
         "large",
         True,
         "full ELBO, t importance-sampled ∝ √E[ℓ_t²]",
@@ -111,52 +132,8 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def _linear(config: TrainConfig) -> NoiseSchedule:
-    return NoiseSchedule.linear(config.num_steps, config.beta_start, config.beta_end)
-
-
-def _cosine(config: TrainConfig) -> NoiseSchedule:
-    return NoiseSchedule.cosine(config.num_steps)
-
-
-def _log_snr(config: TrainConfig) -> NoiseSchedule:
-    """log SNR(t) linear in t from ``log_snr_max`` (t = 1) to ``log_snr_min`` (t = T)."""
-    values = torch.linspace(config.log_snr_max, config.log_snr_min, config.num_steps, dtype=torch.float64)
-    return NoiseSchedule.from_log_snr(values)
-
-
-SCHEDULES: dict[str, Callable[[TrainConfig], NoiseSchedule]] = {
-    "linear": _linear,
-    "cosine": _cosine,
-    "log-snr": _log_snr,
-}
-
-
-class FlatDenoiser(nn.Module):
-    """An :class:`~pyro_diffusion.nets.MLPDenoiser` on the flattened datum, reshaped back.
-
-    Input ``(B, *event_shape)``; output ``(B, *event_shape)``, or ``(B, 2·C, *rest)`` for
-    learned variances (mean block first, then the variance block, as ``split_output``
-    expects)."""
-
-    def __init__(
-        self, event_shape: tuple[int, ...], hidden: int = 256, depth: int = 3, learned_variance: bool = False
-    ) -> None:
-        super().__init__()
-        self.event_shape = tuple(event_shape)
-        self.learned_variance = learned_variance
-        self.mlp = MLPDenoiser(math.prod(self.event_shape), hidden, depth, learned_variance)
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        out = self.mlp(x.reshape(x.shape[0], -1), t)
-        if self.learned_variance:
-            out = out.reshape(x.shape[0], 2, *self.event_shape)  # (B, 2, C, ...) mean, variance
-            return out.reshape(x.shape[0], 2 * self.event_shape[0], *self.event_shape[1:])
-        return out.reshape(x.shape)
-
-
 def _mlp(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
-    return FlatDenoiser(event_shape, config.hidden, config.depth, learned)
+    return MLPDenoiser(tuple(event_shape), config.hidden, config.depth, learned)
 
 
 def _unet(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
@@ -165,6 +142,7 @@ def _unet(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
     return UNetDenoiser(event_shape[0], base=config.hidden, multipliers=(1, 2), learned_variance=learned)
 
 
+#: name → ``(config, event_shape, learned_variance) -> network(z, γ)``
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "unet": _unet}
 
 
@@ -173,10 +151,14 @@ NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "unet": _unet}
 class TrainConfig:
     """Everything that determines a run (and must match when a run is resumed).
 
-    ``steps`` (how far to train), ``device``, ``checkpoint_every``, ``progress`` and
-    ``eval_batches`` may change between a run and its resumption; all other fields may not.
-    ``schedule`` defaults to ``"log-snr"`` for K-level data; ``None`` fields take data-set
-    dependent defaults in :meth:`resolved`."""
+    ``steps`` (how far to train), ``device``, ``checkpoint_every`` and ``progress`` may change
+    between a run and its resumption; all other fields may not.  ``schedule`` defaults to
+    ``"log-snr"`` for K-level data and ``"linear"`` otherwise; ``network`` to ``"mlp"``.
+    ``num_steps`` is T, the model's number of noise levels (the table's length for the DDPM
+    schedules, the grid's for the functions of time).  ``beta_start``/``beta_end`` set the
+    ``linear`` table, ``log_snr_max``/``log_snr_min`` the ``log-snr`` one,
+    ``gamma_min``/``gamma_max`` (None: the schedule's defaults) the endpoints of
+    ``gamma-linear``, ``gamma-cosine`` and ``learned``."""
 
     data: str = "moons"
     objective: str = "elbo"
@@ -191,6 +173,8 @@ class TrainConfig:
     beta_end: float | None = None
     log_snr_max: float = 7.0
     log_snr_min: float = -9.0
+    gamma_min: float | None = None
+    gamma_max: float | None = None
     network: str | None = None
     hidden: int = 256
     depth: int = 3
@@ -213,10 +197,14 @@ class TrainConfig:
             raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {self.schedule!r}")
         if self.network is not None and self.network not in NETWORKS:
             raise ValueError(f"network: expected one of {sorted(NETWORKS)}, got {self.network!r}")
+        if self.mean not in MEANS:
+            raise ValueError(f"mean: expected one of {MEANS}, got {self.mean!r}")
         for name in ("steps", "batch_size", "num_steps", "hidden", "checkpoint_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"depth: expected a non-negative integer, got {self.depth!r}")
         if not self.lr > 0:
             raise ValueError(f"lr: expected a positive learning rate, got {self.lr!r}")
         if not 0 < self.lr_final_fraction <= 1:
@@ -224,6 +212,10 @@ class TrainConfig:
         if not self.log_snr_max > self.log_snr_min:
             raise ValueError(
                 f"log_snr_max, log_snr_min: expected max > min, got {self.log_snr_max}, {self.log_snr_min}"
+            )
+        if self.gamma_min is not None and self.gamma_max is not None and not self.gamma_min < self.gamma_max:
+            raise ValueError(
+                f"gamma_min, gamma_max: expected gamma_min < gamma_max, got {self.gamma_min}, {self.gamma_max}"
             )
         return self
 
@@ -253,32 +245,53 @@ class ConfigMismatchError(ValueError):
 
 
 # ---------------------------------------------------------------------------- building
-def build_schedule(config: TrainConfig) -> NoiseSchedule:
-    """The :class:`NoiseSchedule` named by ``config.schedule`` (see :data:`SCHEDULES`)."""
+def build_schedule(config: TrainConfig) -> Schedule:
+    """The schedule named by ``config.schedule`` (see :data:`~pyro_diffusion.schedules.SCHEDULES`)
+    at ``config.num_steps`` levels, with the configuration's options."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {config.schedule!r}")
-    return SCHEDULES[config.schedule](config)
+    options = {
+        "beta_start": config.beta_start,
+        "beta_end": config.beta_end,
+        "log_snr_max": config.log_snr_max,
+        "log_snr_min": config.log_snr_min,
+    }
+    for name in ("gamma_min", "gamma_max"):
+        if getattr(config, name) is not None:
+            options[name] = float(getattr(config, name))
+    return SCHEDULES[config.schedule](config.num_steps, **options)
 
 
-def build_diffusion(config: TrainConfig, dataset: Dataset) -> GaussianDiffusion:
-    """The :class:`GaussianDiffusion` for ``config`` on ``dataset``: the discretized decoder
-    for K-level data (``dataset.num_levels``), a Gaussian decoder otherwise; the variance the
-    objective needs; weights initialized from ``config.seed``."""
+def build_diffusion(config: TrainConfig, dataset: Dataset) -> Diffusion:
+    """The :class:`~pyro_diffusion.diffusion.Diffusion` for ``config`` on ``dataset``: DDPM's
+    decoder (discretized for K-level data, ``dataset.num_levels``; Gaussian otherwise), the
+    variance the objective needs, ``config.num_steps`` noise levels; weights initialized from
+    ``config.seed``; on ``config.device``."""
     config = config.resolved(dataset)
     objective = OBJECTIVES[config.objective]
     learned = objective.variance == "learned"
     torch.manual_seed(config.seed)
     denoiser = NETWORKS[config.network](config, dataset.event_shape, learned)
-    discrete = dataset.num_levels is not None
-    return GaussianDiffusion(
+    return Diffusion(
         denoiser,
         build_schedule(config),
         dataset.event_shape,
         mean=config.mean,
         variance=objective.variance,
-        decoder="discretized" if discrete else "gaussian",
+        decoder="ddpm",
         num_levels=dataset.num_levels,
+        num_steps=config.num_steps,
     ).to(config.device)
+
+
+def elbo_module(diffusion: Diffusion, loss: ELBO) -> nn.Module:
+    """``loss(model, guide)``: Pyro's ``ELBOModule`` over the diffusion's programs in their
+    ``nn.Module`` forms (``diffusion.model_module()``, ``guide_module()``: run with
+    module-local parameters, nothing in Pyro's param store).  ``module(x0)`` returns the differentiable loss (a sum over the
+    batch ``x0``); ``module.parameters()`` are the diffusion's."""
+    if not isinstance(loss, ELBO):
+        raise TypeError(f"loss: expected a pyro.infer.ELBO instance, got {type(loss).__name__}")
+    return loss(diffusion.model_module(), diffusion.guide_module())
 
 
 # ---------------------------------------------------------------------------- files
@@ -314,6 +327,20 @@ def read_json(path: str | Path) -> dict:
     if not path.exists():
         return {}
     return json.loads(path.read_text())
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint written by :func:`train`, loaded on the CPU with ``weights_only=True``
+    (tensors and plain Python values only; no arbitrary object is unpickled).  A file that
+    holds anything else (e.g. a checkpoint of an earlier version, with numpy RNG state) is
+    refused with a ``ValueError``."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"checkpoint: {path} holds objects other than tensors and plain values (a checkpoint "
+            "written by an earlier version of pyro_diffusion?), so it is not loaded; start a new run"
+        ) from error
 
 
 # ---------------------------------------------------------------------------- data order
@@ -353,19 +380,47 @@ class BatchOrder:
         self.epoch = state["epoch"]
 
 
-def _rng_state() -> dict:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+def _rng_state(device: str) -> dict:
+    """The global RNG states as tensors and plain values (loadable with ``weights_only=True``)."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["position"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _loss_state(loss) -> dict:
     """The objective's own tensors (e.g. the importance sampler's running ℓ_t² history)."""
-    return {k: v.clone() for k, v in vars(loss).items() if isinstance(v, torch.Tensor)}
+    return {k: v.detach().clone() for k, v in vars(loss).items() if isinstance(v, torch.Tensor)}
 
 
 def _comparable(config: dict) -> dict:
@@ -377,8 +432,10 @@ def check_same_config(saved: dict, wanted: dict, where: str) -> None:
     (ignoring those a resumed run may change: steps, device, checkpoint_every, progress)."""
     defaults = TrainConfig().to_dict()  # fields added after a checkpoint was written
     a, b = _comparable({**defaults, **saved}), _comparable({**defaults, **wanted})
-    diffs = [f"{k}: checkpoint has {a.get(k)!r}, asked for {b.get(k)!r}" for k in sorted(set(a) | set(b))]
-    diffs = [d for d, k in zip(diffs, sorted(set(a) | set(b))) if a.get(k) != b.get(k)]
+    keys = sorted(set(a) | set(b))
+    diffs = [
+        f"{k}: checkpoint has {a.get(k)!r}, asked for {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)
+    ]
     if diffs:
         raise ConfigMismatchError(
             f"resume: the checkpoint in {where} was written under another configuration; "
@@ -387,19 +444,17 @@ def check_same_config(saved: dict, wanted: dict, where: str) -> None:
 
 
 # ---------------------------------------------------------------------------- the loop
-def make_optim(config: TrainConfig) -> pyro.optim.PyroOptim:
-    """Adam at ``config.lr``; with ``lr_final_fraction < 1``, Pyro's ``ClippedAdam`` whose
-    learning rate decays geometrically to ``lr · lr_final_fraction`` at the last step (its
-    per-parameter gradient clipping set out of the way).
-
-    Plain Adam is :func:`~pyro_diffusion.optim.FusedAdam`: the same updates, to the bit, as
-    ``pyro.optim.Adam`` (one ``torch.optim.Adam`` over all parameters instead of one per
-    tensor, which is cheaper per step: ``docs/benchmarks.md``), with checkpoints in the same
-    per-parameter format, so runs started with either resume with either."""
+def make_optimizer(
+    config: TrainConfig, parameters
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+    """``torch.optim.Adam`` at ``config.lr`` over ``parameters``; with
+    ``lr_final_fraction < 1`` also an ``ExponentialLR`` whose factor per step takes the
+    learning rate to ``lr · lr_final_fraction`` after ``config.steps`` steps (else None)."""
+    optimizer = torch.optim.Adam(parameters, lr=config.lr)
     if config.lr_final_fraction == 1.0:
-        return FusedAdam({"lr": config.lr})
+        return optimizer, None
     decay = config.lr_final_fraction ** (1.0 / config.steps)
-    return pyro.optim.ClippedAdam({"lr": config.lr, "lrd": decay, "clip_norm": 1e30})
+    return optimizer, torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=decay)
 
 
 def load_run_data(config: TrainConfig) -> Dataset:
@@ -423,11 +478,12 @@ def train(
     stop_after: int | None = None,
     figures: bool = True,
 ) -> dict:
-    """Train ``config`` with ``pyro.infer.SVI`` and write the run directory ``out``.
+    """Train ``config`` and write the run directory ``out``.
 
-    Each SVI step takes a minibatch (``config.batch_size`` training data, without
-    replacement within an epoch) and one Adam step on the objective's loss; the recorded
-    loss is the loss per datum (nats for ``elbo``/``elbo-is``, an estimate of −ELBO).
+    Each step takes a minibatch (``config.batch_size`` training data, without replacement
+    within an epoch), evaluates the objective's loss through :func:`elbo_module` and takes one
+    Adam step; the recorded loss is the loss per datum (nats for ``elbo``/``elbo-is``, an
+    estimate of −ELBO).
 
     Args:
         config: the run's configuration.
@@ -455,16 +511,15 @@ def train(
                 f"out: {out} already holds a checkpoint; pass resume=True (--resume) to continue it "
                 "or choose another run directory"
             )
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=False)
+        checkpoint = load_checkpoint(checkpoint_path)
         check_same_config(checkpoint["config"], config.to_dict(), str(out))
     elif resume:
         raise FileNotFoundError(f"resume: no checkpoint in {out}; start the run without --resume")
 
-    pyro.clear_param_store()
     diffusion = build_diffusion(config, dataset)
     loss = OBJECTIVES[config.objective].make_loss()
-    optim = make_optim(config)
-    svi = SVI(diffusion.model, diffusion.guide, optim, loss)
+    module = elbo_module(diffusion, loss)
+    optimizer, lr_schedule = make_optimizer(config, module.parameters())
     data = dataset.train.to(config.device)
     order = BatchOrder(data.shape[0], config.batch_size, config.seed)
 
@@ -473,7 +528,9 @@ def train(
     seconds = 0.0
     if checkpoint is not None:
         diffusion.load_state_dict(checkpoint["model"])
-        optim.set_state(checkpoint["optim"])
+        optimizer.load_state_dict(checkpoint["optim"])
+        if lr_schedule is not None:
+            lr_schedule.load_state_dict(checkpoint["lr_schedule"])
         for key, value in checkpoint["loss_state"].items():
             setattr(loss, key, value.to(config.device))
         order.load_state_dict(checkpoint["order"])
@@ -482,9 +539,7 @@ def train(
         step = checkpoint["step"]
         seconds = checkpoint["seconds"]
     else:
-        torch.manual_seed(config.seed)
-        np.random.seed(config.seed)
-        random.seed(config.seed)
+        pyro.set_rng_seed(config.seed)  # torch, numpy and python
         write_json(config.to_dict(), out / CONFIG)
 
     def save() -> None:
@@ -492,10 +547,11 @@ def train(
             {
                 "config": config.to_dict(),
                 "model": diffusion.state_dict(),
-                "optim": optim.get_state(),
+                "optim": optimizer.state_dict(),
+                "lr_schedule": None if lr_schedule is None else lr_schedule.state_dict(),
                 "loss_state": _loss_state(loss),
                 "order": order.state_dict(),
-                "rng": _rng_state(),
+                "rng": _rng_state(config.device),
                 "history": history,
                 "step": step,
                 "seconds": seconds,
@@ -506,9 +562,16 @@ def train(
     target = config.steps if stop_after is None else min(config.steps, stop_after)
     bar = tqdm(total=config.steps, initial=step, desc=config.objective, disable=not config.progress)
     started = time.perf_counter()
+    diffusion.train()
     while step < target:
         batch = data[order.next()]
-        value = svi.step(batch) / batch.shape[0]
+        optimizer.zero_grad(set_to_none=True)
+        value = module(batch)
+        value.backward()
+        optimizer.step()
+        if lr_schedule is not None:
+            lr_schedule.step()
+        value = value.item() / batch.shape[0]
         if not math.isfinite(value):
             bar.close()
             raise FloatingPointError(f"training: loss became {value} at step {step + 1}")
@@ -523,6 +586,7 @@ def train(
             started = time.perf_counter()
             save()
     bar.close()
+    diffusion.eval()
 
     metrics = read_json(out / METRICS)
     metrics.update(
@@ -549,12 +613,13 @@ def train(
 
 
 # ---------------------------------------------------------------------------- using a run
-def load_run(out: str | Path, device: str | None = None) -> tuple[TrainConfig, GaussianDiffusion, Dataset]:
-    """Rebuild a run's configuration, trained diffusion (from its checkpoint) and data set."""
+def load_run(out: str | Path, device: str | None = None) -> tuple[TrainConfig, Diffusion, Dataset]:
+    """Rebuild a run's configuration, trained diffusion (from its checkpoint, in eval mode) and
+    data set."""
     out = Path(out)
     if not (out / CONFIG).exists() or not (out / CHECKPOINT).exists():
         raise FileNotFoundError(f"run: {out} is not a run directory (needs {CONFIG} and {CHECKPOINT})")
-    checkpoint = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint(out / CHECKPOINT)
     config = TrainConfig.from_dict(checkpoint["config"])
     if device is not None:
         config.device = device
@@ -566,20 +631,21 @@ def load_run(out: str | Path, device: str | None = None) -> tuple[TrainConfig, G
 
 
 def bound_bits_per_dim(
-    diffusion: GaussianDiffusion,
+    diffusion: Diffusion,
     test: torch.Tensor,
     *,
     batch_size: int = 300,
     seed: int = 0,
     progress: bool = False,
 ) -> dict:
-    """Test NLL bound in bits/dim from all T + 1 terms, with its per-step profile.
+    """Test NLL bound in bits/dim from all T + 1 terms on the model's own grid, with its
+    per-step profile.
 
     Returns ``{"bits_per_dim", "bits_per_dim_se", "profile_bits"}`` where ``profile_bits``
-    has length T + 1 (entry i = mean L_i in bits/dim, i = 0 the decoder term, i = T the prior
-    term) and the standard error is over test data (one draw of each x_t per datum)."""
+    has length T + 1 (entry i = mean term i in bits/dim, i = 0 the decoder term, i = T the
+    prior term) and the standard error is over test data (one draw of each x_t per datum)."""
     torch.manual_seed(seed)
-    device = diffusion.schedule.betas.device
+    device = diffusion.device
     rows = []
     for start in tqdm(range(0, test.shape[0], batch_size), desc="evaluate", disable=not progress):
         rows.append(diffusion.vlb_terms(test[start : start + batch_size].to(device)).cpu())

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pyro_diffusion.cli import build_parser, main
-from pyro_diffusion.compare import parse_table
+from pyro_diffusion.experiments.compare import parse_table
 
 TINY = ["--num-steps", "20", "--hidden", "16", "--depth", "1", "--batch-size", "32", "--no-progress"]
 
@@ -76,8 +76,41 @@ def test_train_evaluate_sample_resume(tmp_path, capsys):
     assert len(metrics["test_profile_bits"]) == 21
     assert sum(metrics["test_profile_bits"]) == pytest.approx(metrics["test_bits_per_dim"], rel=1e-9)
     assert main(["sample", "--run", str(run), "--num", "10", "--no-progress"]) == 0
-    samples = torch.load(run / "samples_seed0.pt")
+    samples = torch.load(run / "samples_seed0.pt", weights_only=True)
     assert samples.shape == (10, 2) and torch.isfinite(samples).all()
+    # fewer noise levels (respaced), DDIM with and without noise
+    for extra in (
+        ["--num-steps", "5"],
+        ["--sampler", "ddim", "--num-steps", "7"],
+        ["--sampler", "ddim", "--eta", "0.5"],
+    ):
+        out = tmp_path / ("samples_" + "_".join(extra).replace("-", ""))
+        assert (
+            main(["sample", "--run", str(run), "--num", "6", "--no-progress", "--out", str(out)] + extra) == 0
+        )
+        drawn = torch.load(out.with_suffix(".pt"), weights_only=True)
+        assert drawn.shape == (6, 2) and torch.isfinite(drawn).all()
+    first = tmp_path / "ddim_a"
+    second = tmp_path / "ddim_b"
+    for out in (first, second):  # η = 0 is deterministic given the starting noise (the seed)
+        main(
+            [
+                "sample",
+                "--run",
+                str(run),
+                "--num",
+                "4",
+                "--sampler",
+                "ddim",
+                "--no-progress",
+                "--out",
+                str(out),
+            ]
+        )
+    assert torch.equal(torch.load(first.with_suffix(".pt")), torch.load(second.with_suffix(".pt")))
+    capsys.readouterr()
+    assert main(["sample", "--run", str(run), "--eta", "0.5", "--no-progress"]) == 2
+    assert "--eta: only for --sampler ddim" in capsys.readouterr().err
     # resume with more steps: flags not given are taken from the run
     assert main(["train", "--out", str(run), "--steps", "15", "--resume", "--no-progress"]) == 0
     assert json.loads((run / "metrics.json").read_text())["steps"] == 15
@@ -123,7 +156,7 @@ def test_compare_runs_the_vdm_configurations_with_a_recipe(tmp_path, capsys):
     assert status == 0
     for config, endpoints in (("learned-shape", (-2.0, 4.0)), ("linear:-1:3", (-1.0, 3.0))):
         result = json.loads((out / "vdm" / f"{config}_seed0.json").read_text())
-        assert result["decoder"] == "denoiser" and result["val_size"] == 200 and result["ema"] == 0.999
+        assert result["decoder"] == "network" and result["val_size"] == 200 and result["ema"] == 0.999
         assert result["steps"] == 150 and result["best_step"] == 150  # --quick over the recipe
         assert (result["gamma_min"], result["gamma_max"]) == pytest.approx(endpoints, abs=1e-9)
     assert "learned-shape" in (out / "vdm" / "results.md").read_text()

@@ -16,13 +16,14 @@ import pytest
 import torch
 
 from pyro_diffusion import (
+    Diffusion,
+    DiffusionELBO,
     GaussianDiffusion,
+    LearnedGamma,
     MLPDenoiser,
     NoiseSchedule,
     SimplifiedLoss,
-    StepSubsampledELBO,
     UNetDenoiser,
-    ancestral_sample,
     vlb_terms,
 )
 
@@ -69,18 +70,19 @@ def test_schedule_buffers_follow_the_module_in_float64():
     for name, buffer in diffusion.schedule.named_buffers():
         assert buffer.device.type == DEVICE.type, name
         assert buffer.dtype == torch.float64, name
-    x0 = _images()
-    t = torch.full((x0.shape[0],), 7, device=DEVICE)
-    value = diffusion.schedule.at("alphas_cumprod", t, x0)
-    assert value.device.type == DEVICE.type and value.dtype == torch.float32
+    grid = diffusion.grid()
+    assert grid.device.type == DEVICE.type and grid.dtype == torch.float64
     expected = torch.prod(1 - diffusion.schedule.betas[:7]).item()
-    assert abs(value[0].item() - expected) < 1e-6
+    assert abs(diffusion.schedule.alphas_cumprod[6].item() - expected) < 1e-12
+    respaced = diffusion.grid(10)
+    assert respaced.device.type == DEVICE.type
+    torch.testing.assert_close(respaced, grid[diffusion.schedule.subgrid_steps(10).to(DEVICE) - 1])
 
 
 def test_loss_bound_and_samples_live_on_the_device_in_the_data_dtype():
     diffusion = _image_diffusion()
     x0 = _images()
-    loss = StepSubsampledELBO()(diffusion.model_module(), diffusion.guide_module())(x0)
+    loss = DiffusionELBO()(diffusion.model_module(), diffusion.guide_module())(x0)
     assert loss.device.type == DEVICE.type and loss.dtype == torch.float32 and loss.dim() == 0
     loss.backward()
     for name, param in diffusion.named_parameters():
@@ -90,14 +92,41 @@ def test_loss_bound_and_samples_live_on_the_device_in_the_data_dtype():
     assert terms.shape == (x0.shape[0], diffusion.num_steps + 1)
     assert terms.device.type == DEVICE.type and terms.dtype == torch.float32
     assert torch.isfinite(terms).all()
-    samples = ancestral_sample(diffusion, 4)
-    assert samples.device.type == DEVICE.type and samples.dtype == torch.float32
-    levels = (samples + 1) * 8  # the discretized decoder's mean is one of the 17 levels
-    assert torch.allclose(levels, levels.round(), atol=1e-4)
+    for method in ("ancestral", "ddim"):
+        samples = diffusion.sample(4, method=method)
+        assert samples.device.type == DEVICE.type and samples.dtype == torch.float32
+        levels = (samples + 1) * 8  # the discretized decoder's mean is one of the 17 levels
+        assert torch.allclose(levels, levels.round(), atol=1e-4)
+
+
+def test_continuous_time_loss_with_a_learned_schedule_on_the_device():
+    torch.manual_seed(0)
+    diffusion = Diffusion(
+        UNetDenoiser(1, base=16, multipliers=(1, 2)),
+        LearnedGamma(-6.0, 6.0, hidden=16),
+        (1, 8, 8),
+        num_levels=17,
+    ).to(DEVICE)
+    x0 = _images()
+    loss = DiffusionELBO(num_steps=0, times="low-discrepancy")(
+        diffusion.model_module(), diffusion.guide_module()
+    )(x0)
+    loss.backward()
+    assert loss.device.type == DEVICE.type and torch.isfinite(loss)
+    assert (
+        diffusion.schedule.raw_out_weight.grad is not None and diffusion.schedule.gamma_min.grad is not None
+    )
+    assert diffusion.nll(x0, num_steps=0, num_times=4).device.type == DEVICE.type
 
 
 @pytest.mark.parametrize(
-    "loss", [StepSubsampledELBO(), StepSubsampledELBO(importance=True), SimplifiedLoss()]
+    "loss",
+    [
+        DiffusionELBO(),
+        DiffusionELBO(times="importance", warmup=1),
+        DiffusionELBO(num_steps=0),
+        SimplifiedLoss(),
+    ],
 )
 def test_training_step_makes_no_host_device_sync(loss):
     pyro.enable_validation(False)  # validation reads tensor values (documented)
@@ -121,12 +150,14 @@ def test_training_step_makes_no_host_device_sync(loss):
     assert any(not torch.equal(a, b) for a, b in zip(before, diffusion.parameters()))
 
 
-def test_sampling_loop_makes_no_host_device_sync():
+@pytest.mark.parametrize("method, num_steps", [("ancestral", None), ("ancestral", 10), ("ddim", 10)])
+def test_sampling_loop_makes_no_host_device_sync(method, num_steps):
+    pyro.enable_validation(False)  # validation reads the grid's values (documented)
     diffusion = _image_diffusion()
-    ancestral_sample(diffusion, 2)  # first call per configuration reads its coefficient tables
     x_T = torch.randn(4, 1, 8, 8, device=DEVICE)
+    diffusion.sample(2, method=method, num_steps=num_steps)  # warm up
     with _no_sync():
-        samples = ancestral_sample(diffusion, 4, x_T=x_T)
+        samples = diffusion.sample(4, method=method, num_steps=num_steps, x_T=x_T)
     assert samples.shape == (4, 1, 8, 8) and samples.device.type == DEVICE.type
 
 
@@ -138,7 +169,7 @@ def test_autocast_keeps_the_bound_in_float32(dtype):
     exact = _image_diffusion()
     mixed = _image_diffusion(autocast_dtype=dtype, name="mixed")
     mixed.load_state_dict(exact.state_dict())
-    elbo = StepSubsampledELBO()
+    elbo = DiffusionELBO()
     values = {}
     for label, diffusion in (("exact", exact), ("mixed", mixed)):
         module = elbo(diffusion.model_module(), diffusion.guide_module())
@@ -153,7 +184,7 @@ def test_autocast_keeps_the_bound_in_float32(dtype):
     # is float32, so the loss moves by far less than a few per cent
     relative = ((values["mixed"] - values["exact"]).abs() / values["exact"].abs()).item()
     assert relative < 0.05
-    mean_output, _ = mixed.denoise(x0, torch.full((16,), 50, device=DEVICE))
+    mean_output, _ = mixed.denoise(x0, torch.full((16,), 0.5, dtype=torch.float64, device=DEVICE))
     assert mean_output.dtype == torch.float32
     terms = vlb_terms(mixed, x0)
     assert terms.dtype == torch.float32 and torch.isfinite(terms).all()
@@ -166,8 +197,6 @@ def test_mlp_on_two_dimensional_data_trains_on_the_device():
         DEVICE
     )
     x0 = torch.randn(64, 2, device=DEVICE)
-    svi = pyro.infer.SVI(
-        diffusion.model, diffusion.guide, pyro.optim.Adam({"lr": 1e-3}), StepSubsampledELBO()
-    )
+    svi = pyro.infer.SVI(diffusion.model, diffusion.guide, pyro.optim.Adam({"lr": 1e-3}), DiffusionELBO())
     value = svi.step(x0)  # SVI.step returns a float: one read-back per step, by design
     assert isinstance(value, float) and value == value

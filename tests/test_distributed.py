@@ -19,8 +19,9 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from pyro_diffusion import GaussianDiffusion, MLPDenoiser, NoiseSchedule, StepSubsampledELBO
+from pyro_diffusion import Diffusion, DiffusionELBO, GaussianDiffusion, MLPDenoiser, NoiseSchedule
 from pyro_diffusion.distributed import data_parallel_module, data_parallel_step
+from pyro_diffusion.training import elbo_module
 
 WORLD = 2
 LOCAL_BATCH = 8
@@ -28,7 +29,7 @@ LOCAL_BATCH = 8
 PLAN = [("sum", "sgd"), ("mean", "sgd"), ("mean", "adam")]
 
 
-def _diffusion() -> GaussianDiffusion:
+def _diffusion() -> Diffusion:
     torch.manual_seed(0)
     net = MLPDenoiser(2, hidden=16, depth=1).double()
     return GaussianDiffusion(net, NoiseSchedule.linear(50), (2,))
@@ -57,7 +58,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             with torch.no_grad():
                 for p in diffusion.parameters():
                     p.add_(1.0)
-        module = data_parallel_module(diffusion, StepSubsampledELBO())
+        module = data_parallel_module(diffusion, DiffusionELBO())
         x0 = _data()[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH]
         states = []
         for step, (reduction, kind) in enumerate(PLAN):
@@ -74,20 +75,21 @@ def _reference() -> list[list[torch.Tensor]]:
     """The same steps in one process on the combined batch (the loss summed over it)."""
     pyro.clear_param_store()
     diffusion = _diffusion()
-    elbo_module = StepSubsampledELBO()(diffusion.model_module(), diffusion.guide_module())
+    module = elbo_module(diffusion, DiffusionELBO())
     x0 = _data()
     states = []
     for step, (reduction, kind) in enumerate(PLAN):
-        optimizer = _optimizer(kind, elbo_module.parameters())
+        optimizer = _optimizer(kind, module.parameters())
         optimizer.zero_grad()
         total = 0.0
         for rank in range(WORLD):
             torch.manual_seed(_seed(step, rank))
-            total = total + elbo_module(x0[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH])
+            total = total + module(x0[rank * LOCAL_BATCH : (rank + 1) * LOCAL_BATCH])
         loss = total if reduction == "sum" else total / x0.shape[0]
         loss.backward()
         optimizer.step()
         states.append([p.detach().clone() for p in diffusion.parameters()])
+    assert len(pyro.get_param_store()) == 0  # the programs ran with module-local parameters
     return states
 
 
@@ -114,3 +116,26 @@ def test_data_parallel_step_rejects_bad_arguments():
         data_parallel_module(_diffusion())
     with pytest.raises(ValueError, match="reduction"):
         data_parallel_step(None, None, torch.zeros(1, 2), reduction="average", world_size=1)
+
+
+@pytest.mark.skipif(not torch_dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("loss", ["elbo", "hybrid"])
+def test_torchrun_entry_point_trains_in_a_world_of_one(tmp_path, monkeypatch, capsys, loss):
+    import socket
+
+    from pyro_diffusion.distributed import main
+
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    out = tmp_path / "ddp.pt"
+    args = ["--data", "moons", "--loss", loss, "--num-steps", "10", "--hidden", "16", "--batch-size", "32"]
+    assert main(args + ["--iterations", "3", "--out", str(out)]) == 0
+    assert "1 processes × batch 32, 3 steps" in capsys.readouterr().out
+    saved = torch.load(out, weights_only=True)
+    assert saved["config"]["variance"] == ("learned" if loss == "hybrid" else "large")
+    assert len(pyro.get_param_store()) == 0

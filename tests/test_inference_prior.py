@@ -39,6 +39,12 @@ def test_bad_name_and_obs_shape_are_refused():
         prior("a", obs=torch.zeros(3, 4))
     with pytest.raises(ValueError, match="decoder"):
         DiffusionPrior(linear_diffusion(), decoder="exact")
+    with pytest.raises(ValueError, match="num_steps"):
+        DiffusionPrior(linear_diffusion(), num_steps=0)
+    with pytest.raises(TypeError, match="diffusion"):
+        DiffusionPrior(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="k"):
+        prior.step_distribution(torch.zeros(2), 7)
 
 
 def _user_model(prior, y):
@@ -128,7 +134,7 @@ def test_observed_x0_scores_the_decoder_of_the_sampled_x1():
     site = trace.nodes["x/x_0"]
     assert site["is_observed"] and torch.equal(site["value"], x)
     x1 = trace.nodes["x/x_1"]["value"]
-    decoder = diffusion.reverse_distribution(x1, torch.ones(5, dtype=torch.long), decode=True)
+    decoder = diffusion.decoder_distribution(x1, diffusion.grid()[0])
     torch.testing.assert_close(site["fn"].log_prob(x), decoder.log_prob(x).sum(-1))
 
 

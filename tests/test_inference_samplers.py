@@ -28,18 +28,23 @@ def test_twisted_smc_matches_the_exact_conditional_and_evidence():
     K = 4000
     result = twisted_smc(diffusion, OBSERVATION, Y, num_particles=K, seed=0)
     T = diffusion.num_steps
-    assert result.particles.shape == (K, 2) and result.log_weights.shape == (K,)
-    assert result.ess.shape == (T + 1,) and result.resampled.shape == (T + 1,)
-    assert ((result.ess >= 1 - 1e-6) & (result.ess <= K + 1e-6)).all()
+    ess_trace, resampled = result.diagnostics["ess"], result.diagnostics["resampled"]
+    assert result.method == "twisted_smc" and result.num_steps == T
+    assert result.draws.shape == (K, 2) and result.log_weights.shape == (K,)
+    assert ess_trace.shape == (T + 1,) and resampled.shape == (T + 1,)
+    assert ((ess_trace >= 1 - 1e-6) & (ess_trace <= K + 1e-6)).all()
     assert result.network_calls == T
     w = result.log_weights.exp().double()
-    x = result.particles.double()
+    x = result.draws.double()
     ess = 1 / (w**2).sum()
+    assert ess.item() == pytest.approx(result.ess)
     mean = (w[:, None] * x).sum(0)
+    torch.testing.assert_close(result.mean(), mean)
     se = (post_cov.diagonal() / ess).sqrt()
     assert ((mean - post_mean).abs() < 5 * se).all(), (mean, post_mean, se)
     # the evidence estimate: log-normal-ish error of order 1/√ESS
-    assert abs(result.log_evidence - log_evidence) < 5 / math.sqrt(ess), (result.log_evidence, log_evidence)
+    log_hat = result.diagnostics["log_evidence"]
+    assert abs(log_hat - log_evidence) < 5 / math.sqrt(ess), (log_hat, log_evidence)
 
 
 def test_twisted_smc_refuses_what_it_cannot_do():
@@ -50,6 +55,10 @@ def test_twisted_smc_refuses_what_it_cannot_do():
         twisted_smc(diffusion, OBSERVATION, Y, num_particles=1)
     with pytest.raises(ValueError, match="event_shape"):
         twisted_smc(diffusion, LinearObservation.denoising((3,), 0.1), torch.zeros(3))
+    with pytest.raises(ValueError, match="num_steps"):
+        twisted_smc(diffusion, OBSERVATION, Y, num_steps=0)
+    with pytest.raises(TypeError, match="diffusion"):
+        twisted_smc(torch.nn.Linear(2, 2), OBSERVATION, Y)
 
 
 def _nuts_check(num_samples, warmup_steps, max_rhat):
@@ -69,12 +78,16 @@ def _nuts_check(num_samples, warmup_steps, max_rhat):
         vectorize_chains=True,
         seed=0,
     )
-    assert result.x0.shape == (4, num_samples, 2)
-    assert set(result.sample_stats) == {"diverging", "lp", "step_size", "tree_size"}
-    assert (result.sample_stats["tree_size"] >= 1).all()
+    assert result.method == "nuts" and result.num_chains == 4
+    assert result.draws.shape == (4 * num_samples, 2) and result.chains().shape == (4, num_samples, 2)
+    stats = result.diagnostics["sample_stats"]
+    assert set(stats) == {"diverging", "lp", "step_size", "tree_size"}
+    assert (stats["tree_size"] >= 1).all()
+    # every potential evaluation runs the chain's T − 1 steps and the network decoder
+    assert result.network_calls == result.diagnostics["potential_evaluations"] * diffusion.num_steps
     summary = az.summary(from_nuts(result), var_names=["x0"])
     assert summary["r_hat"].max() < max_rhat
-    mean = result.x0.reshape(-1, 2).double().mean(0)
+    mean = result.draws.double().mean(0)
     se = (post_cov.diagonal() / torch.tensor(summary["ess_bulk"].values)).sqrt()
     assert ((mean - post_mean).abs() < 5 * se).all(), (mean, post_mean, se)
 
@@ -88,31 +101,71 @@ def test_nuts_matches_the_exact_conditional_with_small_rhat():
     _nuts_check(num_samples=500, warmup_steps=300, max_rhat=1.01)
 
 
+def test_nuts_refuses_a_single_draw_by_name():
+    with pytest.raises(ValueError, match="num_samples"):
+        nuts_conditional(linear_diffusion(), OBSERVATION, Y, num_samples=1, warmup_steps=1, num_chains=1)
+    with pytest.raises(ValueError, match="warmup_steps"):
+        nuts_conditional(linear_diffusion(), OBSERVATION, Y, warmup_steps=-1)
+
+
+def test_nuts_lp_is_the_log_density_of_each_draw():
+    """The recorded lp is −U at the draw: the log joint of the non-centred chain's noises
+    and y, recomputed here from the draws' noises with Pyro's trace."""
+    import pyro
+    from pyro import poutine
+    from pyro.infer.reparam import LocScaleReparam
+
+    from pyro_diffusion.inference.nuts import conditional_model
+    from pyro_diffusion.inference.prior import DiffusionPrior
+
+    diffusion = linear_diffusion(betas=(0.1, 0.3, 0.5))
+    result = nuts_conditional(diffusion, OBSERVATION, Y, num_samples=4, warmup_steps=3, num_chains=1, seed=1)
+    prior = DiffusionPrior(diffusion, decoder="gaussian")
+    names = prior.site_names("x")
+    model = poutine.reparam(conditional_model, config={n: LocScaleReparam(centered=0.0) for n in names})
+    noise = result.diagnostics["noise"]
+    for i in range(4):
+        data = {f"{n}_decentered": noise[f"{n}_decentered"][0, i] for n in names}
+        trace = poutine.trace(poutine.condition(model, data=data)).get_trace(prior, OBSERVATION, Y)
+        lp = trace.log_prob_sum()  # the chain's own sites are masked Deltas under the reparam
+        torch.testing.assert_close(
+            result.diagnostics["sample_stats"]["lp"][0, i], lp.detach(), rtol=1e-5, atol=1e-4
+        )
+    pyro.clear_param_store()
+
+
 def test_svi_mean_field_recovers_the_exact_marginals_of_a_gaussian_conditional():
     """The exact conditional is Gaussian; the mean-field guide matches its mean and (for the
     coordinate the observation does not couple strongly) roughly its scale."""
     diffusion = linear_diffusion(betas=(0.1, 0.3, 0.5))
     post_mean, post_cov, log_evidence = _exact(diffusion)
-    result = svi_conditional(diffusion, OBSERVATION, Y, num_steps=400, num_particles=32, lr=0.05)
-    final = sum(result.losses[-50:]) / 50
+    result = svi_conditional(diffusion, OBSERVATION, Y, num_iterations=400, num_particles=32, lr=0.05)
+    assert result.method == "svi" and result.num_steps == diffusion.num_steps
+    loc, scale = result.diagnostics["loc"], result.diagnostics["scale"]
+    losses = result.diagnostics["losses"]
+    final = sum(losses[-50:]) / 50
     # −ELBO ≥ −log p(y) up to Monte Carlo noise, and close to it for a near-exact guide
     assert final > -log_evidence - 0.5
     # mean-field KL(q‖p) fit of a Gaussian: the mean is exact; tolerance from the optimizer noise
-    assert ((result.loc.double() - post_mean).abs() < 0.15).all(), (result.loc, post_mean)
+    assert ((loc.double() - post_mean).abs() < 0.15).all(), (loc, post_mean)
     # and the scales are the conditional precisions' inverse square roots (mean-field optimum)
     precision = torch.linalg.inv(post_cov)
-    assert ((result.scale.double() - precision.diagonal().rsqrt()).abs() < 0.1).all()
+    assert ((scale.double() - precision.diagonal().rsqrt()).abs() < 0.1).all()
+    # the draws are draws of q_φ: mean within 4 standard errors of loc
+    draws = result.sample(4000)
+    assert ((draws.mean(0) - loc).abs() < 4 * scale / 4000**0.5).all()
 
 
 def test_replacement_pastes_the_observation_and_dps_runs():
     diffusion = linear_diffusion()
     mask = LinearObservation.mask(torch.tensor([True, False]), noise_scale=0.1)
-    samples, stats = replacement_sample(diffusion, mask, torch.tensor([0.7]), 50)
+    result = replacement_sample(diffusion, mask, torch.tensor([0.7]), 50)
+    samples = result.draws
     assert samples.shape == (50, 2) and torch.all(samples[:, 0] == 0.7)
-    assert stats["network_calls"] == diffusion.num_steps
+    assert result.network_calls == diffusion.num_steps and result.method == "replacement"
     with pytest.raises(ValueError, match="mask"):
         replacement_sample(diffusion, OBSERVATION, Y, 5)
-    samples, _ = dps_sample(diffusion, OBSERVATION, Y, 2000, step_size=0.1)
+    samples = dps_sample(diffusion, OBSERVATION, Y, 2000, step_size=0.1).draws
     unconditional = diffusion.sample(2000).double()
     # DPS moves the samples toward the data fit: a smaller mean residual than unconditional draws
     residual = (OBSERVATION.mean(samples.double()) - Y).abs().mean()
@@ -131,8 +184,10 @@ def test_replacement_pastes_the_observation_and_dps_runs():
     ],
     ids=["denoising", "inpainting_tail"],
 )
-def test_exact_methods_beat_the_heuristics_on_the_mixture(scenario):
-    """On the trained 2-D mixture model (T = 20; trained and cached under runs/ when missing)
+@pytest.mark.parametrize("schedule", ["linear", "learned"])
+def test_exact_methods_beat_the_heuristics_on_the_mixture(scenario, schedule):
+    """On the trained 2-D mixture model (the T = 20 DDPM, or the continuous-time model with a
+    learned schedule run on a 20-level grid; trained and cached under runs/ when missing)
     and the denoising and inpainting_tail scenarios of docs/prior_validation.md, twisted SMC
     is closer to the data's exact conditional than replacement and than
     DPS at its better step of (0.1, 0.3), by more than 2 standard errors of the difference.
@@ -143,14 +198,15 @@ def test_exact_methods_beat_the_heuristics_on_the_mixture(scenario):
     from pyro_diffusion.inference.pretrained import load_or_train
 
     torch.manual_seed(0)
-    diffusion = load_or_train("gmm", "elbo", num_steps=20)
+    diffusion = load_or_train("gmm", "elbo", num_steps=20, schedule=schedule)
+    assert diffusion.num_steps == 20  # the learned model's default grid: every method runs on it
     observation, y = scenario[0], torch.tensor(scenario[1])
     exact = mixture_conditional(GaussianMixture2D(), observation, y).sample((4000,)).float()
     smc = twisted_smc(diffusion, observation, y, num_particles=2000, seed=0).sample(2000)
     d_smc, se_smc = energy_distance(smc, exact), energy_distance_se(smc, exact)
     candidates = {
-        "replacement": [replacement_sample(diffusion, observation, y, 2000)[0]],
-        "dps": [dps_sample(diffusion, observation, y, 2000, step_size=z)[0] for z in (0.1, 0.3)],
+        "replacement": [replacement_sample(diffusion, observation, y, 2000).draws],
+        "dps": [dps_sample(diffusion, observation, y, 2000, step_size=z).draws for z in (0.1, 0.3)],
     }
     for name, draws in candidates.items():
         scores = [(energy_distance(s, exact), energy_distance_se(s, exact)) for s in draws]
@@ -168,7 +224,61 @@ def test_nuts_jit_compile_gives_the_same_draws():
         )
         for jit in (False, True)
     ]
-    assert torch.allclose(runs[0].x0, runs[1].x0, atol=1e-4), (runs[0].x0, runs[1].x0)
-    assert torch.equal(runs[0].sample_stats["tree_size"], runs[1].sample_stats["tree_size"])
+    assert torch.allclose(runs[0].draws, runs[1].draws, atol=1e-4), (runs[0].draws, runs[1].draws)
+    stats = [run.diagnostics["sample_stats"] for run in runs]
+    assert torch.equal(stats[0]["tree_size"], stats[1]["tree_size"])
+    torch.testing.assert_close(stats[0]["lp"], stats[1]["lp"], rtol=1e-5, atol=1e-4)
     assert runs[0].network_calls == runs[1].network_calls > 0
     assert all(p.requires_grad for p in diffusion.denoiser.parameters())
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-variance", "per-particle-variance"])
+def test_smc_final_move_draws_the_exact_gaussian_conditional(shared):
+    """The last SMC move draws x_0 ~ p(x_0 | x_1, y) ∝ N(x_0; μ, diag v) N(y; A x_0, σ_y² I)
+    by Matheron's rule, and its log normalizer is N(y; A μ, A diag(v) Aᵀ + σ_y² I): 20000 draws
+    per group have the closed-form mean (within 4 standard errors) and covariance (within 4
+    standard errors of a sample covariance); the normalizer to float precision.  Without a
+    shared variance the two groups of particles have different decoders."""
+    from pyro_diffusion.inference.smc import _TwistedChain
+
+    diffusion = linear_diffusion()
+    chain = _TwistedChain(diffusion, OBSERVATION, Y, diffusion.grid(), "pigdm", None)
+    n = 20000
+    locs = [torch.tensor([0.2, -0.4]), torch.tensor([-0.5, 0.3])]
+    variances = [torch.tensor([0.3, 0.6]), torch.tensor([0.3, 0.6]) if shared else torch.tensor([1.2, 0.1])]
+    state = {
+        "loc": torch.cat([loc.expand(n, 2) for loc in locs]),
+        "scale": torch.cat([v.sqrt().expand(n, 2) for v in variances]),
+    }
+    torch.manual_seed(0)
+    x0, log_norm = chain.final_move(state)
+    A, noise_var = OBSERVATION.matrix.double(), 0.3**2
+    for g, (loc, var) in enumerate(zip(locs, variances)):
+        prior_cov = torch.diag(var.double())
+        mean, cov, log_z = gaussian_conditional(loc.double(), prior_cov, A, noise_var, Y.double())
+        draws = x0[g * n : (g + 1) * n].double()
+        assert ((draws.mean(0) - mean).abs() < 4 * (cov.diagonal() / n).sqrt()).all()
+        sample_cov = torch.cov(draws.T)
+        se = ((cov**2 + torch.outer(cov.diagonal(), cov.diagonal())) / (n - 1)).sqrt()
+        assert ((sample_cov - cov).abs() < 4 * se).all(), (sample_cov, cov)
+        torch.testing.assert_close(
+            log_norm[g * n : (g + 1) * n].double(),
+            torch.full((n,), log_z, dtype=torch.float64),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+
+
+def test_systematic_resampling_keeps_each_particle_floor_or_ceil_of_its_share():
+    from pyro_diffusion.inference.smc import systematic_resample
+
+    torch.manual_seed(0)
+    probs = torch.distributions.Dirichlet(torch.ones(50)).sample()
+    for _ in range(20):
+        index = systematic_resample(probs.log())
+        counts = torch.bincount(index, minlength=50).double()
+        share = 50 * probs.double()
+        assert (
+            index.shape == (50,)
+            and ((counts >= share.floor() - 1e-9) & (counts <= share.ceil() + 1e-9)).all()
+        )

@@ -1,6 +1,4 @@
-"""Decoders, networks and sampling."""
-
-import math
+"""Decoders, networks and the adapter for step-indexed networks."""
 
 import pytest
 import torch
@@ -10,9 +8,10 @@ from pyro_diffusion import (
     GaussianDiffusion,
     MLPDenoiser,
     NoiseSchedule,
+    StepIndexed,
     UNetDenoiser,
-    ancestral_sample,
 )
+from pyro_diffusion.nets import NoiseLevelEmbedding
 
 
 @pytest.mark.parametrize("num_levels", [2, 17, 256])
@@ -64,47 +63,71 @@ def test_discretized_gaussian_samples_lie_on_the_levels():
 
 
 @pytest.mark.parametrize("learned", [False, True])
-def test_networks_accept_one_based_steps_and_size_their_outputs(learned):
-    t = torch.tensor([1, 1000, 500])
+def test_networks_take_noise_levels_and_size_their_outputs(learned):
+    gamma = torch.tensor([-10.0, 0.0, 12.5])
     mlp = MLPDenoiser(5, hidden=16, depth=1, learned_variance=learned)
-    assert mlp(torch.randn(3, 5), t).shape == (3, 10 if learned else 5)
+    assert mlp(torch.randn(3, 5), gamma).shape == (3, 10 if learned else 5)
+    flat = MLPDenoiser((1, 2, 2), hidden=16, depth=1, learned_variance=learned)  # flattens any shape
+    assert flat(torch.randn(3, 1, 2, 2), gamma).shape == (3, 2 if learned else 1, 2, 2)
     for shape in [(1, 8, 8), (3, 32, 32)]:
         unet = UNetDenoiser(shape[0], base=8, multipliers=(1, 2), learned_variance=learned)
-        assert unet(torch.randn(3, *shape), t).shape == (3, 2 * shape[0] if learned else shape[0], *shape[1:])
+        assert unet(torch.randn(3, *shape), gamma).shape == (
+            3,
+            2 * shape[0] if learned else shape[0],
+            *shape[1:],
+        )
+    with pytest.raises(ValueError, match="hidden"):
+        MLPDenoiser(2, hidden=0)
+    with pytest.raises(ValueError, match="event_shape"):
+        MLPDenoiser((2, 0))
+    with pytest.raises(ValueError, match="gamma_range"):
+        NoiseLevelEmbedding(8, gamma_range=(1.0, -1.0))
+    with pytest.raises(ValueError, match="dim"):
+        NoiseLevelEmbedding(7)
+
+
+def test_the_level_embedding_tells_nearby_levels_apart():
+    embedding = NoiseLevelEmbedding(32)
+    first = embedding(torch.tensor([-9.2, -9.1]))
+    assert (first[0] - first[1]).abs().max() > 1e-3
 
 
 def test_unet_refuses_odd_sizes():
     with pytest.raises(ValueError, match="divisible"):
-        UNetDenoiser(1, base=8, multipliers=(1, 2, 2))(torch.randn(2, 1, 6, 6), torch.tensor([1, 2]))
+        UNetDenoiser(1, base=8, multipliers=(1, 2, 2))(torch.randn(2, 1, 6, 6), torch.tensor([1.0, 2.0]))
 
 
-def test_ancestral_sampling_shapes_levels_and_chain():
-    T = 5
-    d = GaussianDiffusion(
-        UNetDenoiser(1, base=8), NoiseSchedule.linear(T), (1, 8, 8), decoder="discretized", num_levels=17
+class StepRecorder(torch.nn.Module):
+    """A step-indexed network that records the steps it is called with and returns zeros."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def forward(self, x, t):
+        self.seen.append(t.clone())
+        return torch.zeros_like(x)
+
+
+def test_step_indexed_networks_see_the_native_steps():
+    schedule = NoiseSchedule.linear(50)
+    recorder = StepRecorder()
+    adapter = StepIndexed(recorder, schedule)
+    steps = torch.arange(1, 51)
+    adapter(torch.zeros(50, 2), schedule.gammas)
+    torch.testing.assert_close(recorder.seen[-1], steps.float(), rtol=0, atol=0)  # t in the data dtype
+    midway = 0.5 * (schedule.gammas[:-1] + schedule.gammas[1:])
+    torch.testing.assert_close(adapter.steps(midway), steps[:-1].double() + 0.5, rtol=0, atol=1e-9)
+    # outside the grid: clamped to 1..T; long=True rounds to the nearest step
+    torch.testing.assert_close(
+        adapter.steps(torch.tensor([-50.0, 50.0])), torch.tensor([1.0, 50.0], dtype=torch.float64)
     )
-    x, chain = ancestral_sample(d, 3, return_chain=True)
-    assert x.shape == (3, 1, 8, 8) and len(chain) == T
-    assert ((x * 8).round() == x * 8).all()
-    y = d.sample(2, denoise_last=False)
-    assert ((y * 8).round() == y * 8).all()
-    with pytest.raises(ValueError, match="num_samples"):
-        d.sample(0)
-
-
-def test_sampling_from_a_perfect_denoiser_recovers_a_point_mass():
-    """With x_0 ≡ c the exact ε-predictor is ε = (x_t − √ᾱ_t c)/√(1−ᾱ_t); ancestral sampling
-    with the posterior variance then returns c."""
-    T = 50
-    schedule = NoiseSchedule.linear(T)
-    c = torch.tensor([0.7, -0.2])
-
-    class Oracle(torch.nn.Module):
-        def forward(self, x, t):
-            a = schedule.alphas_cumprod.float()[t - 1][:, None]
-            return (x - a.sqrt() * c) / (1 - a).sqrt()
-
-    d = GaussianDiffusion(Oracle(), schedule, (2,), variance="small")
-    x = d.sample(500)
-    torch.testing.assert_close(x, c.expand(500, 2), rtol=0, atol=1e-3)
-    assert math.isfinite(x.sum().item())
+    rounding = StepIndexed(recorder, schedule, long=True)
+    rounding(torch.zeros(3, 2), schedule.gammas[[0, 9, 49]].float())  # float32 levels, as the data's dtype
+    assert recorder.seen[-1].dtype == torch.long and recorder.seen[-1].tolist() == [1, 10, 50]
+    # through a diffusion: the model's own grid and a respaced one give the native steps
+    d = GaussianDiffusion(StepIndexed(recorder, schedule, long=True), schedule, (2,))
+    recorder.seen.clear()
+    d.sample(2, num_steps=10)
+    called = torch.cat(recorder.seen).unique().sort().values
+    assert called.tolist() == schedule.subgrid_steps(10).tolist()

@@ -1,5 +1,6 @@
 """Training runs: interrupted + resumed equals uninterrupted; checkpoints refused when they
-belong to another configuration; files written atomically (issue 4)."""
+belong to another configuration; files written atomically and loadable with
+``weights_only=True``."""
 
 import json
 
@@ -36,13 +37,18 @@ def tiny(objective="elbo", **changes):
 
 
 def weights(run_dir):
-    return torch.load(run_dir / CHECKPOINT, weights_only=False)["model"]
+    return torch.load(run_dir / CHECKPOINT, weights_only=True)["model"]
 
 
-@pytest.mark.parametrize("objective", ["elbo-is", "hybrid"])
-def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, objective):
-    # elbo-is carries state of its own (the running ℓ_t² history) and hybrid learns variances
-    config = tiny(objective, steps=40, checkpoint_every=7)
+@pytest.mark.parametrize(
+    "objective, changes",
+    [("elbo-is", {}), ("hybrid", {}), ("elbo", {"schedule": "learned", "lr_final_fraction": 0.1})],
+    ids=["elbo-is", "hybrid", "learned-schedule-lr-decay"],
+)
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, objective, changes):
+    # elbo-is carries state of its own (the running ℓ_t² history), hybrid learns variances, and
+    # a learned schedule with a decaying learning rate has schedule parameters and an LR schedule
+    config = tiny(objective, steps=40, checkpoint_every=7, **changes)
     whole = train(config, tmp_path / "whole", figures=False)
     # stop after 17 steps: the last checkpoint is at step 17 (the stop), 14 and 7 before it
     part = train(config, tmp_path / "part", stop_after=17, figures=False)
@@ -57,7 +63,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, objective):
         assert torch.equal(a[name], b[name]), name
     assert resumed["loss_history"] == whole["loss_history"]
     # and the run really trained: the parameters moved from their initial values
-    start = train(tiny(objective, steps=1), tmp_path / "start", figures=False)
+    start = train(tiny(objective, steps=1, **changes), tmp_path / "start", figures=False)
     assert start["steps"] == 1
     moved = [not torch.equal(a[n], weights(tmp_path / "start")[n]) for n in a]
     assert any(moved)
@@ -115,7 +121,7 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path):
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
         atomic_save({"step": 2, "bad": Unpicklable()}, path)
-    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
@@ -133,3 +139,12 @@ def test_bad_configuration_names_the_field():
         tiny(steps=0).validate()
     with pytest.raises(ValueError, match="log_snr_max, log_snr_min"):
         tiny(log_snr_max=-10.0).validate()
+
+
+def test_a_checkpoint_holding_other_objects_is_refused_not_unpickled(tmp_path):
+    import numpy as np
+
+    train(tiny(steps=4), tmp_path / "run", figures=False)
+    torch.save({"rng": np.random.get_state()}, tmp_path / "run" / CHECKPOINT)  # a numpy array inside
+    with pytest.raises(ValueError, match="checkpoint: .* holds objects other than tensors"):
+        load_run(tmp_path / "run")

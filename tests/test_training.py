@@ -1,5 +1,5 @@
 """Training with SVI on 2-D data: the bound against the true entropy, sample quality, and a plain
-PyTorch loop over the ELBOModule (issue 2, items 5, 6 and 8)."""
+PyTorch loop over the ELBOModule."""
 
 import copy
 import math
@@ -11,13 +11,9 @@ from pyro.infer import SVI
 from pyro.optim import ClippedAdam
 
 from _helpers import energy_distance
-from pyro_diffusion import (
-    GaussianDiffusion,
-    GaussianMixture2D,
-    MLPDenoiser,
-    NoiseSchedule,
-    StepSubsampledELBO,
-)
+from pyro_diffusion import DiffusionELBO, GaussianDiffusion, MLPDenoiser, NoiseSchedule
+from pyro_diffusion.data import GaussianMixture2D
+from pyro_diffusion.training import elbo_module
 
 T = 50
 STEPS = 2000
@@ -38,7 +34,7 @@ def trained():
     diffusion = new_diffusion()
     untrained = copy.deepcopy(diffusion)
     optim = ClippedAdam({"lr": 2e-3, "lrd": 0.01 ** (1 / STEPS), "clip_norm": 10.0})
-    svi = SVI(diffusion.model, diffusion.guide, optim, StepSubsampledELBO())
+    svi = SVI(diffusion.model, diffusion.guide, optim, DiffusionELBO())
     g = torch.Generator().manual_seed(1)
     losses = [svi.step(mixture.sample(BATCH, g)) / BATCH for _ in range(STEPS)]
     pyro.clear_param_store()
@@ -47,9 +43,16 @@ def trained():
 
 def test_training_reduces_the_loss(trained):
     losses = torch.tensor(trained["losses"])
-    first, last = losses[:100], losses[-200:]
-    assert last.mean() < first.mean() - 4 * math.hypot(first.std() / 10, last.std() / 200**0.5)
+    # the loss falls within tens of steps; the one-step estimate is noisy (the decoder, at
+    # σ_1² = 1e-4, is one of its steps with weight T), so compare means with their errors
+    first, last = losses[:10], losses[-200:]
+    assert last.mean() < first.mean() - 4 * math.hypot(first.std() / 10**0.5, last.std() / 200**0.5)
     assert last.mean() < 4.0  # nats per datum; the untrained start is far above
+    # and the whole bound (every step's term) on fresh data fell
+    fresh = trained["mixture"].sample(2000, torch.Generator().manual_seed(3))
+    before = trained["untrained"].vlb_terms(fresh).sum(1).mean().item()
+    after = trained["diffusion"].vlb_terms(fresh).sum(1).mean().item()
+    assert after < before - 1.0, (before, after)
 
 
 def test_bound_on_fresh_data_is_above_the_entropy_and_close_to_it(trained):
@@ -82,7 +85,8 @@ def test_samples_match_held_out_data_and_a_broken_model_fails(trained):
 
 def test_plain_pytorch_loop_over_the_elbo_module_trains_as_well_as_svi():
     """Same network, initialization, batches, step draws and Adam settings: SVI with
-    pyro.optim.Adam against a torch.optim.Adam loop over StepSubsampledELBO()(model, guide)."""
+    pyro.optim.Adam against a torch.optim.Adam loop over the ELBOModule of DiffusionELBO()
+    (``elbo_module``, which runs the programs with module-local parameters)."""
     steps, lr = 300, 2e-3
     mixture = GaussianMixture2D()
     base = new_diffusion(seed=5, hidden=64, depth=2)
@@ -91,21 +95,22 @@ def test_plain_pytorch_loop_over_the_elbo_module_trains_as_well_as_svi():
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     g = torch.Generator().manual_seed(2)
-    svi = SVI(svi_diffusion.model, svi_diffusion.guide, pyro.optim.Adam({"lr": lr}), StepSubsampledELBO())
+    svi = SVI(svi_diffusion.model, svi_diffusion.guide, pyro.optim.Adam({"lr": lr}), DiffusionELBO())
     svi_losses = [svi.step(mixture.sample(BATCH, g)) / BATCH for _ in range(steps)]
 
     pyro.clear_param_store()
     pyro.set_rng_seed(0)
     g = torch.Generator().manual_seed(2)
-    elbo_module = StepSubsampledELBO()(loop_diffusion.model_module(), loop_diffusion.guide_module())
-    optimizer = torch.optim.Adam(elbo_module.parameters(), lr=lr)
+    module = elbo_module(loop_diffusion, DiffusionELBO())
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
     loop_losses = []
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = elbo_module(mixture.sample(BATCH, g))
+        loss = module(mixture.sample(BATCH, g))
         loss.backward()
         optimizer.step()
         loop_losses.append(loss.item() / BATCH)
+    assert len(pyro.get_param_store()) == 0  # nothing entered the global param store
 
     # both trained: the last 50 losses are far below the first 50
     for losses in (svi_losses, loop_losses):

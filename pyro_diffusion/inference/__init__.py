@@ -1,12 +1,18 @@
 """Bayesian workflows with a trained diffusion: the reverse chain as a prior inside other Pyro
 models, conditioning on linear observations of x_0, and hand-over to ArviZ.
 
+Every method takes any :class:`~pyro_diffusion.diffusion.Diffusion` (a DDPM from
+``GaussianDiffusion``, or a continuous-time model with a learned schedule) and a
+``num_steps`` argument: None runs on the model's own grid of noise levels, K on
+``diffusion.grid(K)`` (for a tabulated DDPM schedule a respaced sub-grid of its steps).
+
 * :mod:`.prior` — :class:`DiffusionPrior`: scoped sites, frozen weights, plates.
 * :mod:`.observations` — :class:`LinearObservation`: ``y = A x_0 + σ_y ε`` (mask, denoising, blur, any A).
-* :mod:`.smc` — twisted SMC (Wu et al. 2023) on :class:`pyro.infer.SMCFilter`, ESS per step.
+* :mod:`.smc` — twisted SMC (Wu et al. 2023) as a batched particle loop, ESS per step.
 * :mod:`.nuts` — NUTS over the whole (non-centred) chain with :class:`pyro.infer.MCMC`.
-* :mod:`.svi` — SVI with a guide over x_0 and the forward chain over x_{1:T}.
+* :mod:`.svi` — SVI with a guide over x_0 and the forward chain over x_{1:K}.
 * :mod:`.heuristics` — replacement and DPS baselines.
+* :mod:`.result` — :class:`PosteriorResult`, what every method above returns.
 * :mod:`.exact` — the exact conditional of the 2-D mixture, energy distance.
 * :mod:`.arviz` — conversion to ``arviz.InferenceData`` and the paired comparison of bounds.
 * :mod:`.pretrained` — the small cached models used by the examples and docs.
@@ -16,25 +22,23 @@ The ArviZ conversion is imported lazily (``from pyro_diffusion.inference import 
 
 from .exact import energy_distance, energy_distance_se, mixture_conditional, mixture_evidence
 from .heuristics import dps_sample, replacement_sample
-from .nuts import NUTSResult, conditional_model, nuts_conditional
+from .nuts import conditional_model, nuts_conditional
 from .observations import LinearObservation
-from .prior import DiffusionPrior, predict_x0, reverse_step
-from .smc import SMCResult, twisted_smc
-from .svi import SVIResult, chain_guide, svi_conditional
+from .prior import DiffusionPrior
+from .result import PosteriorResult
+from .smc import twisted_smc
+from .svi import MonteCarloNormal, chain_guide, svi_conditional
 
 __all__ = [
     "DiffusionPrior",
-    "reverse_step",
-    "predict_x0",
     "LinearObservation",
+    "PosteriorResult",
     "twisted_smc",
-    "SMCResult",
     "nuts_conditional",
     "conditional_model",
-    "NUTSResult",
     "svi_conditional",
     "chain_guide",
-    "SVIResult",
+    "MonteCarloNormal",
     "replacement_sample",
     "dps_sample",
     "mixture_conditional",

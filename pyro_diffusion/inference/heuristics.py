@@ -4,100 +4,145 @@ Neither targets p_θ(x_0 | y) exactly; they are what most inverse-problem toolki
 :mod:`pyro_diffusion.inference.smc` / :mod:`~pyro_diffusion.inference.nuts` are validated
 against them (``docs/prior.md``).
 
+Both run on a grid of K noise levels of any :class:`~pyro_diffusion.diffusion.Diffusion` (the
+model's own, or a sub-grid: ``num_steps``) with its reverse steps
+``diffusion.reverse_step(x_k, γ_{k−1}, γ_k)``; at the last level the decoder's mean is taken.
+
 * :func:`replacement_sample` — for masks (inpainting): run the reverse chain and after each
-  step overwrite the observed entries of x_{t-1} by a forward-noised copy of the data,
-  ``√ᾱ_{t-1} y + √(1 − ᾱ_{t-1}) ε`` (Song et al. 2021's "replacement"; at t − 1 = 0 the
-  observed entries become y itself).
+  step overwrite the observed entries of x_{k-1} by a forward-noised copy of the data,
+  ``α_{k-1} y + σ_{k-1} ε`` with α² = sigmoid(−γ), σ² = sigmoid(γ) (Song et al. 2021's
+  "replacement"; at k − 1 = 0 the observed entries become y itself).
 * :func:`dps_sample` — diffusion posterior sampling (Chung et al., 2023): an ancestral step
   followed by a gradient step on the data fit of the denoised estimate,
 
   .. math::
 
-      x_{t-1} = μ_θ(x_t, t) + σ_t z − ζ_t ∇_{x_t} \lVert y − A\,\hat x_0(x_t) \rVert_2,
-      \qquad ζ_t = ζ / \lVert y − A\,\hat x_0(x_t) \rVert_2 ,
+      x_{k-1} = μ_θ(x_k) + s_k z − ζ_k ∇_{x_k} \lVert y − A\,\hat x_0(x_k) \rVert_2^2,
+      \qquad ζ_k = ζ / \lVert y − A\,\hat x_0(x_k) \rVert_2 ,
 
-  with the paper's step ``ζ_t ∇‖r‖²`` (Algorithm 1), which with ζ_t = ζ/‖r‖ equals
-  ``2ζ ∇‖r‖`` (one network call with gradient per step).  ζ needs tuning per problem.
+  the paper's step ``ζ_k ∇‖r‖²`` (Algorithm 1), which with ζ_k = ζ/‖r‖ equals
+  ``2ζ ∇‖r‖`` (one network call with gradient per level).  ζ needs tuning per problem.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import GaussianDiffusion
+from ..diffusion import Diffusion
+from ..parameterization import alpha_sigma_log
 from .observations import LinearObservation, check_conditioning
-from .prior import frozen, reverse_step, reverse_step_and_x0
+from .prior import frozen, inference_grid
+from .result import PosteriorResult
 
 __all__ = ["replacement_sample", "dps_sample"]
 
 
 def _check(diffusion, observation, y, num_samples):
     check_conditioning(diffusion, observation, y)
-    if not isinstance(num_samples, int) or num_samples < 1:
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+
+
+def _network_calls(diffusion: Diffusion, K: int, gradient_at_x1: bool) -> int:
+    # a reverse step per level above the first, and the network at x_1 when the decoder
+    # (or DPS's gradient step) needs it
+    return K - 1 + int(gradient_at_x1 or diffusion.decoder_uses_network)
 
 
 @torch.no_grad()
 def replacement_sample(
-    diffusion: GaussianDiffusion,
+    diffusion: Diffusion,
     observation: LinearObservation,
     y: torch.Tensor,
     num_samples: int,
     *,
+    num_steps: int | None = None,
     progress: bool = False,
-) -> tuple[torch.Tensor, dict]:
-    """Inpainting by replacement: ``num_samples`` draws ``(n, *event_shape)`` given ``y``
-    (shape ``(m,)`` or ``(n, m)``); the observation must be a mask.  Returns (samples, stats)
-    with stats ``{"seconds", "network_calls"}``.  The observation noise is ignored (y is
-    pasted in as if exact), as the heuristic does."""
+) -> PosteriorResult:
+    """Inpainting by replacement: ``num_samples`` draws given ``y`` (shape ``(m,)`` or
+    ``(n, m)``) on the grid ``num_steps`` (None: the model's own); the observation must be a
+    mask.  The observation noise is ignored (y is pasted in as if exact), as the heuristic
+    does.  Returns a :class:`~pyro_diffusion.inference.result.PosteriorResult` (unweighted
+    ``draws`` ``(num_samples, *event_shape)``)."""
     _check(diffusion, observation, y, num_samples)
     if observation.observed_index is None:
         raise ValueError("observation: replacement needs a mask (LinearObservation.mask)")
+    grid = inference_grid(diffusion, num_steps)
+    K = grid.shape[0]
     start = time.perf_counter()
-    schedule = diffusion.schedule
-    x = torch.randn(num_samples, *diffusion.event_shape)
-    for t in tqdm(range(diffusion.num_steps, 0, -1), desc="replacement", disable=not progress, leave=False):
-        loc, log_var = reverse_step(diffusion, x, t)
-        x = loc + torch.exp(0.5 * log_var) * torch.randn_like(x) if t > 1 else loc
-        if t > 1:
-            a = schedule.alphas_cumprod[t - 2].item()  # ᾱ_{t-1}
-            noisy = a**0.5 * y + (1 - a) ** 0.5 * torch.randn(num_samples, observation.num_observations)
-        else:
-            noisy = y
-        x = observation.replace(x, noisy)
-    return x, {"seconds": time.perf_counter() - start, "network_calls": diffusion.num_steps}
+    device = diffusion.device
+    y = y.to(device)
+    x = torch.randn(num_samples, *diffusion.event_shape, device=device)
+    with frozen(diffusion):
+        for k in tqdm(range(K, 0, -1), desc="replacement", disable=not progress, leave=False):
+            if k > 1:
+                step, _ = diffusion.reverse_step(x, grid[k - 2], grid[k - 1])
+                x = step.loc + step.scale * torch.randn_like(x)
+                log_a2, log_s2 = alpha_sigma_log(grid[k - 2])  # the level of x_{k-1}
+                noise = torch.randn(num_samples, observation.num_observations, device=device)
+                values = math.exp(0.5 * float(log_a2)) * y + math.exp(0.5 * float(log_s2)) * noise
+            else:
+                x = diffusion.decoder_distribution(x, grid[0]).loc
+                values = y
+            x = observation.replace(x, values)
+    return PosteriorResult(
+        draws=x,
+        diagnostics={},
+        seconds=time.perf_counter() - start,
+        network_calls=_network_calls(diffusion, K, False),
+        method="replacement",
+        num_steps=K,
+    )
 
 
 def dps_sample(
-    diffusion: GaussianDiffusion,
+    diffusion: Diffusion,
     observation: LinearObservation,
     y: torch.Tensor,
     num_samples: int,
     *,
     step_size: float = 1.0,
+    num_steps: int | None = None,
     progress: bool = False,
-) -> tuple[torch.Tensor, dict]:
+) -> PosteriorResult:
     """Diffusion posterior sampling (see the module docstring) with ζ = ``step_size``:
-    ``num_samples`` draws ``(n, *event_shape)`` given ``y`` (``(m,)`` or ``(n, m)``).
-    At t = 1 the decoder's mean is returned (DDPM's convention).  Returns (samples, stats)."""
+    ``num_samples`` draws given ``y`` (``(m,)`` or ``(n, m)``) on the grid ``num_steps``
+    (None: the model's own).  At the last level the decoder's mean, moved by the last
+    gradient step, is returned (DDPM's convention).  Returns a
+    :class:`~pyro_diffusion.inference.result.PosteriorResult` (unweighted ``draws``)."""
     _check(diffusion, observation, y, num_samples)
-    if not step_size > 0:
+    if not isinstance(step_size, (int, float)) or isinstance(step_size, bool) or not step_size > 0:
         raise ValueError(f"step_size: expected ζ > 0, got {step_size!r}")
+    grid = inference_grid(diffusion, num_steps)
+    K = grid.shape[0]
     start = time.perf_counter()
-    x = torch.randn(num_samples, *diffusion.event_shape)
-    for t in tqdm(range(diffusion.num_steps, 0, -1), desc="DPS", disable=not progress, leave=False):
+    device = diffusion.device
+    y = y.to(device)
+    x = torch.randn(num_samples, *diffusion.event_shape, device=device)
+    for k in tqdm(range(K, 0, -1), desc="DPS", disable=not progress, leave=False):
         with torch.enable_grad(), frozen(diffusion):
             x_req = x.detach().requires_grad_(True)
-            loc, log_var, x0_hat = reverse_step_and_x0(diffusion, x_req, t)
-            residual = (y - observation.mean(x0_hat)).norm(dim=-1)
+            if k > 1:
+                step, (prediction, _) = diffusion.reverse_step(x_req, grid[k - 2], grid[k - 1])
+            else:
+                prediction, variance_output = diffusion.predict(x_req, grid[0], grid[0].new_tensor(-math.inf))
+                step = diffusion.decoder_distribution(x_req, grid[0], prediction, variance_output)
+            residual = (y - observation.mean(prediction.x0)).norm(dim=-1)
             (grad,) = torch.autograd.grad(residual.sum(), x_req)
-        step = 2 * step_size * grad  # ζ_t ∇‖r‖² with ζ_t = ζ/‖r‖
-
-        if t > 1:
-            x = (loc + torch.exp(0.5 * log_var) * torch.randn_like(loc) - step).detach()
+        move = 2 * step_size * grad  # ζ_k ∇‖r‖² with ζ_k = ζ/‖r‖
+        if k > 1:
+            x = (step.loc + step.scale * torch.randn_like(x) - move).detach()
         else:
-            x = (loc - step).detach()
-    return x, {"seconds": time.perf_counter() - start, "network_calls": diffusion.num_steps}
+            x = (step.loc - move).detach()
+    return PosteriorResult(
+        draws=x,
+        diagnostics={"step_size": float(step_size)},
+        seconds=time.perf_counter() - start,
+        network_calls=_network_calls(diffusion, K, True),
+        method="dps",
+        num_steps=K,
+    )

@@ -171,12 +171,11 @@ class LinearObservation:
 
 def check_conditioning(diffusion, observation: LinearObservation, y: torch.Tensor) -> torch.Tensor:
     """Refuse a (diffusion, observation, y) triple that does not fit together: ``diffusion`` a
-    :class:`~pyro_diffusion.GaussianDiffusion`, ``observation`` a :class:`LinearObservation` of
+    :class:`~pyro_diffusion.diffusion.Diffusion`, ``observation`` a :class:`LinearObservation` of
     the same event shape, ``y`` a valid observation.  Returns ``y``."""
-    from ..diffusion import GaussianDiffusion
+    from .prior import check_diffusion
 
-    if not isinstance(diffusion, GaussianDiffusion):
-        raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
+    check_diffusion(diffusion)
     if not isinstance(observation, LinearObservation):
         raise TypeError(f"observation: expected a LinearObservation, got {type(observation).__name__}")
     if tuple(observation.event_shape) != tuple(diffusion.event_shape):

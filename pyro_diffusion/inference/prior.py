@@ -1,23 +1,30 @@
 r"""The trained reverse chain as a prior inside a user's Pyro model.
 
-:class:`DiffusionPrior` samples the reverse chain
+:class:`DiffusionPrior` samples the reverse chain of any
+:class:`~pyro_diffusion.diffusion.Diffusion` on a grid of K noise levels γ_1 < … < γ_K
+(the model's own grid, or a sub-grid of it: ``num_steps``)
 
 .. math::
 
-    x_T \sim \mathcal N(0, I),\qquad x_{t-1} \sim p_θ(x_{t-1} \mid x_t)\ (t = T..2),\qquad
+    x_K \sim \mathcal N(0, I),\qquad x_{k-1} \sim p_θ(x_{k-1} \mid x_k)\ (k = K..2),\qquad
     x_0 \sim p_θ(x_0 \mid x_1)
 
-as Pyro sites ``{name}/x_T … {name}/x_1, {name}/x_0`` and returns x_0, so that
+as Pyro sites ``{name}/x_K … {name}/x_1, {name}/x_0`` and returns x_0, so that
 ``x = prior("image")`` can stand wherever a user's model would write
-``x = pyro.sample("image", SomePrior)``.  Three properties make it composable:
+``x = pyro.sample("image", SomePrior)``.  The steps are the model's reverse steps
+``diffusion.reverse_step(x_k, γ_{k−1}, γ_k)`` and the last one its decoder
+``diffusion.decoder_distribution(x_1, γ_1)``, so a DDPM, a respaced DDPM and a
+continuous-time model with a learned schedule are all used the same way.  Three properties
+make it composable:
 
 * **Scoped sites.** Every site carries the caller's ``name`` as a prefix, so two uses (two
   images, or a prior inside a plate and another outside) never collide.
-* **Frozen parameters by default.** The denoiser runs with its parameters' ``requires_grad``
-  switched off for the duration of the call and is never entered into Pyro's param store
-  (no ``pyro.module``), so a user's SVI neither trains nor overwrites the diffusion: gradients
-  flow to the x_t (as samplers need) but not to the weights.  ``fine_tune=True`` registers the
-  diffusion under ``module_name`` instead, and then the user's optimizer trains it.
+* **Frozen parameters by default.** The diffusion (denoiser, schedule, decoder) runs with its
+  parameters' ``requires_grad`` switched off for the duration of the call and is never
+  entered into Pyro's param store (no ``pyro.module``), so a user's SVI neither trains nor
+  overwrites it: gradients flow to the x_k (as samplers need) but not to the weights.
+  ``fine_tune=True`` registers the diffusion under ``module_name`` instead, and then the
+  user's optimizer trains it (a learned schedule included).
 * **Batch shapes from the user's plates.** No plate of its own: the first site has batch
   shape ``()`` and Pyro's plates broadcast it, so inside ``pyro.plate("images", n)`` the prior
   draws n independent x_0 of shape ``(n, *event_shape)``; nested plates and vectorized
@@ -25,8 +32,9 @@ as Pyro sites ``{name}/x_T … {name}/x_1, {name}/x_0`` and returns x_0, so that
   work alike.  The denoiser sees the leading dimensions flattened into one batch.
 
 For data with a discretized decoder, ``decoder="gaussian"`` replaces the last step by its
-continuous relaxation ``N(μ_θ(x_1, 1), σ_1²)`` so that x_0 is a continuous latent (needed by
-NUTS, SVI with reparameterized guides, and gradient-based samplers).
+continuous relaxation (the Gaussian with the decoder's location and scale) so that x_0 is a
+continuous latent (needed by NUTS, SVI with reparameterized guides, and gradient-based
+samplers).
 """
 
 from __future__ import annotations
@@ -38,11 +46,11 @@ import pyro.distributions as dist
 import torch
 
 from ..chains import site_name
-from ..decoders import decoder_distribution
-from ..diffusion import GaussianDiffusion
-from ..parameterization import predict_eps, predict_x0_from_eps
+from ..decoders import DiscretizedGaussian
+from ..diffusion import Diffusion
+from ..schedules import check_num_steps
 
-__all__ = ["DiffusionPrior", "frozen", "reverse_step", "reverse_step_and_x0", "predict_x0"]
+__all__ = ["DiffusionPrior", "frozen", "check_diffusion", "inference_grid", "relaxed"]
 
 
 @contextlib.contextmanager
@@ -59,52 +67,46 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(True)
 
 
-def _flat(diffusion: GaussianDiffusion, x: torch.Tensor) -> tuple[torch.Tensor, torch.Size]:
-    event_dims = diffusion.event_dims
-    if tuple(x.shape[x.dim() - event_dims :]) != tuple(diffusion.event_shape):
-        raise ValueError(f"x_t: expected trailing shape {tuple(diffusion.event_shape)}, got {tuple(x.shape)}")
-    lead = x.shape[: x.dim() - event_dims]
-    return x.reshape(-1, *diffusion.event_shape), lead
+def check_diffusion(diffusion, argument: str = "diffusion") -> Diffusion:
+    """Refuse anything but a :class:`~pyro_diffusion.diffusion.Diffusion`."""
+    if not isinstance(diffusion, Diffusion):
+        raise TypeError(
+            f"{argument}: expected a Diffusion (e.g. GaussianDiffusion(...) or Diffusion(denoiser, "
+            f"schedule, event_shape)), got {type(diffusion).__name__}"
+        )
+    return diffusion
 
 
-def reverse_step(
-    diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(μ_θ(x_t, t), log σ_t²) for x_t of any leading shape ``(*batch, *event_shape)``; the
-    returned mean has x_t's shape and the log-variance broadcasts against it."""
-    flat, lead = _flat(diffusion, x_t)
-    steps = torch.full((flat.shape[0],), t, dtype=torch.long, device=flat.device)
-    loc, log_var, _ = diffusion.reverse_mean_log_variance(flat, steps)
-    log_var = log_var.expand_as(loc)
-    return loc.reshape(x_t.shape), log_var.reshape(x_t.shape)
+def _check_grid_size(num_steps) -> int | None:
+    if num_steps is None:
+        return None
+    return check_num_steps(num_steps, "num_steps")
 
 
-def reverse_step_and_x0(
-    diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(μ_θ(x_t, t), log σ_t², x̂_0(x_t)) from one network call, for x_t of any leading shape
-    ``(*batch, *event_shape)`` (all three returned in x_t's shape); x̂_0 as in :func:`predict_x0`."""
-    flat, _ = _flat(diffusion, x_t)
-    steps = torch.full((flat.shape[0],), t, dtype=torch.long, device=flat.device)
-    loc, log_var, mean_output = diffusion.reverse_mean_log_variance(flat, steps)
-    schedule = diffusion.schedule
-    eps = predict_eps(schedule, diffusion.mean, flat, steps, mean_output)
-    x0 = predict_x0_from_eps(schedule, flat, steps, eps)
-    shape = x_t.shape
-    return loc.reshape(shape), log_var.expand_as(loc).reshape(shape), x0.reshape(shape)
+def inference_grid(diffusion: Diffusion, num_steps: int | None = None) -> torch.Tensor:
+    """The levels γ_1 < … < γ_K a method runs on: ``diffusion.grid(num_steps)`` (None: the
+    model's own grid; K: a K-level grid, respaced for a tabulated schedule), detached, on the
+    model's device, float64."""
+    with torch.no_grad():
+        return diffusion.grid(_check_grid_size(num_steps)).detach().to(torch.float64).to(diffusion.device)
 
 
-def predict_x0(diffusion: GaussianDiffusion, x_t: torch.Tensor, t: int) -> torch.Tensor:
-    """The denoiser's estimate x̂_0(x_t) = (x_t − √(1−ᾱ_t) ε̂_θ(x_t, t)) / √ᾱ_t (Tweedie's
-    formula for E[x_0 | x_t] when ε̂_θ is exact), for x_t of any leading shape."""
-    return reverse_step_and_x0(diffusion, x_t, t)[2]
+def relaxed(decoder: dist.Distribution) -> dist.Distribution:
+    """A discretized decoder's continuous relaxation N(loc, scale²); other decoders as they are."""
+    if isinstance(decoder, DiscretizedGaussian):
+        return dist.Normal(decoder.loc, decoder.scale)
+    return decoder
 
 
 class DiffusionPrior:
-    r"""A trained :class:`~pyro_diffusion.GaussianDiffusion` as a prior over x_0 in any Pyro model.
+    r"""A trained :class:`~pyro_diffusion.diffusion.Diffusion` as a prior over x_0 in any Pyro model.
 
     Args:
-        diffusion: the trained diffusion.
+        diffusion: the trained diffusion (any schedule, parameterization and decoder).
+        num_steps: the chain's grid: None (default) the model's own, K a K-level grid
+            (``diffusion.grid(K)``: for a tabulated DDPM schedule a respaced sub-grid of its
+            steps; for a schedule that is a function of time, K levels of it).  The sites are
+            ``x_K … x_1, x_0`` on that grid.
         fine_tune: register the diffusion's parameters with ``pyro.module(module_name, …)`` so
             that the user's optimizer trains them (default False: frozen, see module docstring).
         module_name: the param-store name used when ``fine_tune`` (default: ``diffusion.name``).
@@ -113,60 +115,92 @@ class DiffusionPrior:
 
     Example::
 
-        prior = DiffusionPrior(diffusion)
+        prior = DiffusionPrior(diffusion, num_steps=50)
 
         def model(y):
             sigma = pyro.sample("sigma", dist.HalfNormal(0.5))
             with pyro.plate("images", y.shape[0]):
-                x = prior("x")                     # sites x/x_T … x/x_0, shape (n, 1, 8, 8)
+                x = prior("x")                     # sites x/x_50 … x/x_0, shape (n, 1, 8, 8)
                 pyro.sample("y", dist.Normal(x, sigma).to_event(3), obs=y)
     """
 
     def __init__(
         self,
-        diffusion: GaussianDiffusion,
+        diffusion: Diffusion,
         *,
+        num_steps: int | None = None,
         fine_tune: bool = False,
         module_name: str | None = None,
         decoder: str = "model",
     ) -> None:
-        if not isinstance(diffusion, GaussianDiffusion):
-            raise TypeError(f"diffusion: expected a GaussianDiffusion, got {type(diffusion).__name__}")
+        check_diffusion(diffusion)
         if decoder not in ("model", "gaussian"):
             raise ValueError(f"decoder: expected 'model' or 'gaussian', got {decoder!r}")
         self.diffusion = diffusion
+        self.grid_size = _check_grid_size(num_steps)
         self.fine_tune = bool(fine_tune)
         self.module_name = module_name or diffusion.name
         self.decoder = decoder
+        inference_grid(diffusion, self.grid_size)  # refuse a grid the schedule cannot give, now
 
+    # ------------------------------------------------------------------ the grid
     @property
     def num_steps(self) -> int:
-        return self.diffusion.num_steps
+        """K, the number of noise levels of the chain (the sites are x_K … x_1, x_0)."""
+        return self.grid_size if self.grid_size is not None else self.diffusion.num_steps
+
+    def grid(self) -> torch.Tensor:
+        """γ_1 < … < γ_K (float64; differentiable for a learned schedule when ``fine_tune``)."""
+        if self.fine_tune:
+            return self.diffusion.grid(self.grid_size).to(torch.float64)
+        return inference_grid(self.diffusion, self.grid_size)
+
+    @property
+    def network_calls_per_chain(self) -> int:
+        """Denoiser evaluations of one pass down the chain: one per step, and one more for the
+        decoder when it uses the network."""
+        return self.num_steps - 1 + int(self.diffusion.decoder_uses_network)
 
     @property
     def event_shape(self) -> torch.Size:
         return self.diffusion.event_shape
 
     def site_names(self, name: str) -> list[str]:
-        """The sites the prior samples under ``name``, in order: x_T … x_1, x_0."""
-        return [site_name(t, f"{name}/") for t in range(self.num_steps, -1, -1)]
+        """The sites the prior samples under ``name``, in order: x_K … x_1, x_0."""
+        return [site_name(k, f"{name}/") for k in range(self.num_steps, -1, -1)]
 
-    def step_distribution(self, x_t: torch.Tensor, t: int) -> dist.Distribution:
-        """p_θ(x_{t-1} | x_t) with event shape ``event_shape`` (the decoder at t = 1)."""
-        loc, log_var = reverse_step(self.diffusion, x_t, t)
-        event_dims = self.diffusion.event_dims
-        if t == 1 and self.decoder == "model":
-            d = self.diffusion
-            return decoder_distribution(d.decoder, loc, log_var, d.num_levels).to_event(event_dims)
-        return dist.Normal(loc, torch.exp(0.5 * log_var)).to_event(event_dims)
+    # ------------------------------------------------------------------ the steps
+    def step_distribution(
+        self, x_t: torch.Tensor, k: int, grid: torch.Tensor | None = None
+    ) -> dist.Distribution:
+        """p_θ(x_{k-1} | x_k) with event shape ``event_shape`` (the decoder at k = 1), for x_k
+        of any leading shape; ``grid`` defaults to :meth:`grid`."""
+        grid = self.grid() if grid is None else grid
+        K = grid.shape[0]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K:
+            raise ValueError(f"k: expected a level 1..{K} of the grid, got {k!r}")
+        d = self.diffusion
+        if k == 1:
+            decoder = d.decoder_distribution(x_t, grid[0])
+            if self.decoder == "gaussian":
+                decoder = relaxed(decoder)
+            return decoder.to_event(d.event_dims)
+        p, _ = d.reverse_step(x_t, grid[k - 2], grid[k - 1])
+        # a plain Normal (the step's loc and scale): reparameterizations rebuild it by type
+        return dist.Normal(p.loc, p.scale).to_event(d.event_dims)
+
+    def _context(self):
+        if self.fine_tune:
+            pyro.module(self.module_name, self.diffusion)
+            return contextlib.nullcontext()
+        return frozen(self.diffusion)
 
     def __call__(self, name: str, *, obs: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample the chain as sites ``{name}/x_T … {name}/x_0`` and return x_0 (observed when
+        """Sample the chain as sites ``{name}/x_K … {name}/x_0`` and return x_0 (observed when
         ``obs`` is given, of shape ``(*batch, *event_shape)``)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"name: expected a non-empty string to scope the sites, got {name!r}")
         d = self.diffusion
-        device = d.schedule.betas.device
         dtype = obs.dtype if obs is not None else torch.get_default_dtype()
         if obs is not None:
             event_dims = d.event_dims
@@ -174,28 +208,31 @@ class DiffusionPrior:
                 raise ValueError(
                     f"obs: expected trailing shape {tuple(d.event_shape)}, got {tuple(obs.shape)}"
                 )
-        if self.fine_tune:
-            pyro.module(self.module_name, d)
-            context = contextlib.nullcontext()
-        else:
-            context = frozen(d)
-        with context:
-            zeros = torch.zeros(d.event_shape, dtype=dtype, device=device)
-            x_t = pyro.sample(
-                site_name(self.num_steps, f"{name}/"), dist.Normal(zeros, 1.0).to_event(d.event_dims)
-            )
-            for t in range(self.num_steps, 0, -1):
-                observed = obs if t == 1 else None
-                x_t = pyro.sample(site_name(t - 1, f"{name}/"), self.step_distribution(x_t, t), obs=observed)
+        with self._context():
+            grid = self.grid()
+            K = grid.shape[0]
+            zeros = torch.zeros(d.event_shape, dtype=dtype, device=d.device)
+            x_t = pyro.sample(site_name(K, f"{name}/"), dist.Normal(zeros, 1.0).to_event(d.event_dims))
+            for k in range(K, 0, -1):
+                observed = obs if k == 1 else None
+                x_t = pyro.sample(
+                    site_name(k - 1, f"{name}/"), self.step_distribution(x_t, k, grid), obs=observed
+                )
         return x_t
 
     def chain_from_noise(self, noise: dict[int, torch.Tensor]) -> torch.Tensor:
-        r"""x_0 from standardized noises ``{t: z_t}`` (t = T..0, the non-centred form of the
-        chain): x_T = z_T, x_{t-1} = μ_θ(x_t, t) + σ_t z_{t-1}.  Shapes ``(*batch, *event_shape)``.
-        (For a discretized decoder this is its continuous relaxation.)"""
-        x_t = noise[self.num_steps]
+        r"""x_0 from standardized noises ``{k: z_k}`` (k = K..0, the non-centred form of the
+        chain): x_K = z_K, x_{k-1} = loc_k + scale_k z_{k-1} with the step's (or the
+        decoder's) location and scale.  Shapes ``(*batch, *event_shape)``.  (For a discretized
+        decoder this is its continuous relaxation.)"""
+        grid = inference_grid(self.diffusion, self.grid_size)
+        K = grid.shape[0]
+        missing = [k for k in range(K + 1) if k not in noise]
+        if missing:
+            raise ValueError(f"noise: expected the keys {K}..0, missing {missing}")
+        x_t = noise[K]
         with frozen(self.diffusion):
-            for t in range(self.num_steps, 0, -1):
-                loc, log_var = reverse_step(self.diffusion, x_t, t)
-                x_t = loc + torch.exp(0.5 * log_var) * noise[t - 1]
+            for k in range(K, 0, -1):
+                step = self.step_distribution(x_t, k, grid).base_dist
+                x_t = step.loc + step.scale * noise[k - 1]
         return x_t

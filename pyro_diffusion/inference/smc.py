@@ -1,304 +1,269 @@
 r"""Twisted sequential Monte Carlo over the reverse chain (Wu et al., 2023: the twisted
-diffusion sampler, TDS), built on :class:`pyro.infer.SMCFilter`.
+diffusion sampler, TDS), as an explicit batched particle loop.
 
-Target: the model's conditional p_θ(x_{0:T} | y) ∝ p_θ(x_{0:T}) p(y | x_0) for a
-:class:`~pyro_diffusion.inference.observations.LinearObservation` ``y = A x_0 + σ_y ε``.
-K particles walk the reverse chain; at step t each carries a *twisting function*
+Target: the model's conditional p_θ(x_{0:K} | y) ∝ p_θ(x_{0:K}) p(y | x_0) for a
+:class:`~pyro_diffusion.inference.observations.LinearObservation` ``y = A x_0 + σ_y ε``, on a
+grid of K noise levels γ_1 < … < γ_K of any :class:`~pyro_diffusion.diffusion.Diffusion`
+(its own grid, or a sub-grid: ``num_steps``).  N particles walk the reverse chain; at level k
+each carries a *twisting function*
 
 .. math::
 
-    \tilde p_t(y \mid x_t) = \mathcal N\big(y;\ A\,\hat x_0(x_t),\ (σ_y^2 + r_t) I\big),
+    \tilde p_k(y \mid x_k) = \mathcal N\big(y;\ A\,\hat x_0(x_k),\ (σ_y^2 + r_k) I\big),
     \qquad \tilde p_0(y \mid x_0) = p(y \mid x_0),
 
-with x̂_0 the denoiser's estimate of x_0 and ``r_t = 1 − ᾱ_t`` an allowance for its error
-(the ΠGDM choice; ``twist_variance="none"`` gives r_t = 0 as in TDS).  Particles move by the
-twisted proposal and are reweighted:
+with x̂_0 the denoiser's estimate of x_0 at level γ_k and ``r_k = σ_k² = sigmoid(γ_k)``
+(= 1 − ᾱ_k) an allowance for its error (the ΠGDM choice; ``twist_variance="none"`` gives
+r_k = 0 as in TDS).  Particles move by the twisted proposal and are reweighted:
 
 .. math::
 
-    x_{t-1} \sim \mathcal N\big(μ_θ(x_t, t) + σ_t^2 ∇_{x_t}\log\tilde p_t(y\mid x_t),\ σ_t^2 I\big),
+    x_{k-1} \sim \mathcal N\big(μ_θ(x_k) + s_k^2 ∇_{x_k}\log\tilde p_k(y\mid x_k),\ s_k^2 I\big),
     \qquad
-    w_{t-1} = \frac{p_θ(x_{t-1}\mid x_t)\,\tilde p_{t-1}(y\mid x_{t-1})}
-                   {\tilde p_t(y\mid x_t)\, q(x_{t-1}\mid x_t, y)} ,
+    w_{k-1} = \frac{p_θ(x_{k-1}\mid x_k)\,\tilde p_{k-1}(y\mid x_{k-1})}
+                   {\tilde p_k(y\mid x_k)\, q(x_{k-1}\mid x_k, y)} ,
 
-starting from x_T ~ N(0, I) with weight p̃_T(y | x_T).  The last step (Gaussian decoder
-``p_θ(x_0 | x_1) = N(μ, σ_1² I)``) uses the exact conditional proposal
-``p(x_0 | x_1, y) ∝ N(x_0; μ, σ_1² I) N(y; A x_0, σ_y² I)`` with weight
-``N(y; A μ, σ_1² A Aᵀ + σ_y² I) / p̃_1(y | x_1)``.  Because the last twist is the exact
-likelihood, the weighted particles are consistent for p_θ(x_0 | y) as K → ∞ whatever the
+with μ_θ, s_k the reverse step ``diffusion.reverse_step(x_k, γ_{k−1}, γ_k)``, starting from
+x_K ~ N(0, I) with weight p̃_K(y | x_K).  The last step (the decoder
+``p_θ(x_0 | x_1) = N(μ, diag v)``, or the continuous relaxation of a discretized one) uses the
+exact conditional proposal ``p(x_0 | x_1, y) ∝ N(x_0; μ, diag v) N(y; A x_0, σ_y² I)``, drawn
+by Matheron's rule (no D × D matrix), with weight
+``N(y; A μ, A diag(v) Aᵀ + σ_y² I) / p̃_1(y | x_1)``.  Because the last twist is the exact
+likelihood, the weighted particles are consistent for p_θ(x_0 | y) as N → ∞ whatever the
 twists (they only affect the variance), and the product of mean weights is an unbiased
 estimate of the evidence p_θ(y).
 
-In Pyro terms: the model's ``step`` samples ``x_{t-1}`` from the reverse chain and adds the
-twist ratio with ``pyro.factor``; the guide's ``step`` samples the proposal; SMCFilter
-computes ``log p − log q`` per particle and resamples (systematic) when the effective sample
-size ESS = 1/Σ w̄² falls below ``ess_threshold · K``.  Cost: one network call (with its
-gradient) per step for all K particles.
-
-Assumes the diffusion's decoder is Gaussian (use ``decoder="gaussian"``-relaxed models for
-K-level data: the particles are then continuous x_0).
+After every reweighting the effective sample size ESS = 1/Σ w̄² is recorded and the particles
+are resampled (systematic resampling) when it falls below ``ess_threshold · N``.  Densities
+are :mod:`pyro.distributions` objects.  Cost: one network call (with its gradient) per level
+for all N particles, K in all.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import SMCFilter
 from tqdm.auto import tqdm
 
-from ..diffusion import GaussianDiffusion
+from ..diffusion import Diffusion
 from .observations import LinearObservation, check_conditioning
-from .prior import frozen, reverse_step_and_x0
+from .prior import frozen, inference_grid, relaxed
+from .result import PosteriorResult
 
-__all__ = ["twisted_smc", "SMCResult", "TWIST_VARIANCES"]
+__all__ = ["twisted_smc", "systematic_resample", "TWIST_VARIANCES"]
 
 TWIST_VARIANCES = ("pigdm", "none")
 
 
-@dataclass
-class SMCResult:
-    """What :func:`twisted_smc` returns.
-
-    Attributes:
-        particles: final particles x_0, ``(K, *event_shape)``.
-        log_weights: their normalized log weights, ``(K,)`` (logsumexp = 0).
-        ess: effective sample size after each reweighting, before any resampling,
-            ``(T + 1,)``: entry 0 after initializing x_T, entry T − t + 1 after drawing x_{t-1}.
-        resampled: bool ``(T + 1,)``, whether the particles were resampled after that entry.
-        log_evidence: the SMC estimate of log p_θ(y) (its exponential is unbiased).
-        seconds: wall-clock time.
-        network_calls: denoiser evaluations (each on a batch of K, with a gradient).
-    """
-
-    particles: torch.Tensor
-    log_weights: torch.Tensor
-    ess: torch.Tensor
-    resampled: torch.Tensor
-    log_evidence: float
-    seconds: float
-    network_calls: int
-    extra: dict = field(default_factory=dict)
-
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Equally weighted draws from the weighted particles (multinomial resampling)."""
-        index = torch.multinomial(self.log_weights.exp(), num_samples, replacement=True, generator=generator)
-        return self.particles[index]
-
-
-def _twist_variance(diffusion: GaussianDiffusion, t: int, kind: str) -> float:
-    if kind == "none":
-        return 0.0
-    return float(diffusion.schedule.one_minus_alphas_cumprod[t - 1])
+def systematic_resample(log_weights: torch.Tensor) -> torch.Tensor:
+    """Ancestor indices ``(N,)`` by systematic resampling of normalized-or-not ``log_weights``
+    ``(N,)``: one uniform shift, N evenly spaced points through the weights' CDF (keeps more
+    distinct particles than multinomial resampling)."""
+    probs = (log_weights - log_weights.logsumexp(-1)).exp()
+    n = probs.shape[-1]
+    points = (
+        torch.rand((), dtype=probs.dtype, device=probs.device)
+        + torch.arange(n, dtype=probs.dtype, device=probs.device)
+    ) / n
+    cdf = probs.cumsum(-1)
+    cdf[-1] = 1.0  # guard against rounding: every point lands on a particle
+    return torch.searchsorted(cdf, points).clamp(max=n - 1)
 
 
 class _TwistedChain:
-    """Shared state computations for the model and guide programs."""
+    """The per-level computations: the reverse step (or decoder) at x_k and the twist."""
 
-    def __init__(self, diffusion, observation, y, twist_variance, max_drift):
-        self.max_drift = max_drift
+    def __init__(self, diffusion: Diffusion, observation, y, grid, twist_variance, max_drift):
         self.diffusion = diffusion
         self.observation = observation
         self.y = y
+        self.grid = grid
         self.twist_variance = twist_variance
+        self.max_drift = max_drift
         self.event_dims = diffusion.event_dims
+        self.noise_var = float(observation.noise_scale) ** 2
         self.network_calls = 0
 
-    def twist(self, x_t: torch.Tensor, t: int) -> dict[str, torch.Tensor]:
-        """μ_θ, σ_t, log p̃_t(y | x_t) and its gradient at x_t (one network call)."""
-        with torch.enable_grad(), frozen(self.diffusion):
-            x = x_t.detach().requires_grad_(True)
-            loc, log_var, x0_hat = reverse_step_and_x0(self.diffusion, x, t)
-            noise_var = float(self.observation.noise_scale) ** 2
-            scale = math.sqrt(noise_var + _twist_variance(self.diffusion, t, self.twist_variance))
-            log_twist = self.observation.log_prob(self.y, x0_hat, noise_scale=scale)
+    def twist(self, x_k: torch.Tensor, k: int) -> dict:
+        """At level k: the move's distribution (the reverse step to k − 1, or the decoder at
+        k = 1), log p̃_k(y | x_k) and the drift s_k² ∇ log p̃_k (one network call)."""
+        d, grid = self.diffusion, self.grid
+        with torch.enable_grad(), frozen(d):
+            x = x_k.detach().requires_grad_(True)
+            if k > 1:
+                step, (prediction, _) = d.reverse_step(x, grid[k - 2], grid[k - 1])
+            else:
+                prediction, variance_output = d.predict(x, grid[0], grid[0].new_tensor(-math.inf))
+                step = relaxed(d.decoder_distribution(x, grid[0], prediction, variance_output))
+            r = float(torch.sigmoid(grid[k - 1])) if self.twist_variance == "pigdm" else 0.0
+            log_twist = self.observation.log_prob(
+                self.y, prediction.x0, noise_scale=math.sqrt(self.noise_var + r)
+            )
             (grad,) = torch.autograd.grad(log_twist.sum(), x)
         self.network_calls += 1
-        scale = torch.exp(0.5 * log_var).detach()
+        loc, scale = step.loc.detach(), step.scale.detach()
         drift = scale**2 * grad
-        if self.max_drift is not None:  # a trust region on the proposal: ‖drift‖ ≤ c σ_t √D
+        if self.max_drift is not None:  # a trust region on the proposal: ‖drift‖ ≤ c s_k √D
             dims = tuple(range(1, drift.dim()))
             limit = self.max_drift * scale.pow(2).sum(dims, keepdim=True).sqrt()
             norm = drift.pow(2).sum(dims, keepdim=True).sqrt()
             drift = drift * (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
-        return {
-            "x": x_t.detach(),
-            "loc": loc.detach(),
-            "scale": scale,
-            "log_twist": log_twist.detach(),
-            "drift": torch.nan_to_num(drift),
-        }
+        return {"loc": loc, "scale": scale, "log_twist": log_twist.detach(), "drift": torch.nan_to_num(drift)}
 
-    def final_proposal(self, state) -> tuple[dist.Distribution, torch.Tensor]:
-        """p(x_0 | x_1, y) for the Gaussian decoder (flattened, a MultivariateNormal) and the
-        log of its normalizer N(y; A μ, σ_1² A Aᵀ + σ_y² I)."""
-        loc = state["loc"].reshape(state["loc"].shape[0], -1)
-        var = state["scale"].reshape(loc.shape)[0, 0] ** 2  # σ_1² is the same for every entry
-        A = self.observation.matrix.to(loc.dtype)
-        noise_var = float(self.observation.noise_scale) ** 2
-        eye_d = torch.eye(A.shape[1], dtype=loc.dtype)
-        precision = eye_d / var + A.T @ A / noise_var
-        covariance = torch.linalg.inv(precision)
-        covariance = 0.5 * (covariance + covariance.T)
-        mean = (loc / var + (self.y.to(loc.dtype) @ A) / noise_var) @ covariance
-        marginal = var * A @ A.T + noise_var * torch.eye(A.shape[0], dtype=loc.dtype)
-        log_norm = dist.MultivariateNormal(loc @ A.T, covariance_matrix=marginal).log_prob(self.y)
-        return dist.MultivariateNormal(mean, covariance_matrix=covariance), log_norm
-
-
-class _Model:
-    def __init__(self, chain: _TwistedChain) -> None:
-        self.chain = chain
-
-    def init(self, state):
-        d = self.chain.diffusion
-        zeros = torch.zeros(d.event_shape)
-        x_T = pyro.sample(f"x_{d.num_steps}", dist.Normal(zeros, 1.0).to_event(d.event_dims))
-        new = self.chain.twist(x_T, d.num_steps)
-        pyro.factor("twist", new["log_twist"])
-        state.update(new)
-
-    def step(self, state, t: int):
-        chain = self.chain
-        if t > 1:
-            p = dist.Normal(state["loc"], state["scale"]).to_event(chain.event_dims)
-            x_prev = pyro.sample(f"x_{t - 1}", p)
-            new = chain.twist(x_prev, t - 1)
-            pyro.factor("twist", new["log_twist"] - state["log_twist"])
-            state.update(new)
-        else:
-            loc = state["loc"].reshape(state["loc"].shape[0], -1)
-            scale = state["scale"].reshape(loc.shape)
-            x0 = pyro.sample("x_0", dist.Normal(loc, scale).to_event(1))
-            pyro.sample("y", chain.observation.distribution(x0.reshape(state["x"].shape)), obs=chain.y)
-            pyro.factor("twist", -state["log_twist"])
-            state["x"] = x0.reshape(state["x"].shape)
-
-
-class _Guide:
-    def __init__(self, chain: _TwistedChain) -> None:
-        self.chain = chain
-
-    def init(self, state):
-        d = self.chain.diffusion
-        zeros = torch.zeros(d.event_shape)
-        pyro.sample(f"x_{d.num_steps}", dist.Normal(zeros, 1.0).to_event(d.event_dims))
-
-    def step(self, state, t: int):
-        chain = self.chain
-        if t > 1:
-            loc = state["loc"] + state["drift"]
-            pyro.sample(f"x_{t - 1}", dist.Normal(loc, state["scale"]).to_event(chain.event_dims))
-        else:
-            proposal, _ = chain.final_proposal(state)
-            pyro.sample("x_0", proposal)
-
-
-class _RecordingSMCFilter(SMCFilter):
-    """SMCFilter that also records the ESS before each resampling decision and accumulates
-    the log-evidence estimate Σ_t log Σ_k w̄_{t-1,k} exp(Δ_{t,k})."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.ess_trace: list[float] = []
-        self.resampled: list[bool] = []
-        self.log_evidence = 0.0
-
-    @torch.no_grad()
-    def _update_weights(self, model_trace, guide_trace):
-        before = self.state._log_weights.clone()
-        super()._update_weights(model_trace, guide_trace)  # adds log p − log q, subtracts the max
-        # recover the increment up to the (unknown) constant by recomputing it
-        increment = torch.zeros_like(before)
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
-        for name, site in model_trace.nodes.items():
-            if site["type"] != "sample":
-                continue
-            if site["is_observed"]:
-                increment += site["log_prob"].reshape(self.num_particles, -1).sum(-1)
-            elif name in guide_trace.nodes:
-                increment += site["log_prob"].reshape(self.num_particles, -1).sum(-1)
-                increment -= guide_trace.nodes[name]["log_prob"].reshape(self.num_particles, -1).sum(-1)
-        normalized = before - before.logsumexp(-1)
-        self.log_evidence += (normalized + increment).logsumexp(-1).item()
-
-    def _maybe_importance_resample(self):
-        logp = self.state._log_weights - self.state._log_weights.logsumexp(-1)
-        probs = logp.exp()
-        ess = probs.dot(probs).reciprocal().item()
-        self.ess_trace.append(ess)
-        self.resampled.append(bool(ess < self.ess_threshold * self.num_particles))
-        super()._maybe_importance_resample()
+    def final_move(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """A draw of x_0 from p(x_0 | x_1, y) ∝ N(x_0; μ, diag v) N(y; A x_0, σ_y² I) per
+        particle (Matheron's rule) and the log of its normalizer N(y; A μ, A diag(v) Aᵀ + σ_y² I)."""
+        n = state["loc"].shape[0]
+        loc = state["loc"].reshape(n, -1)
+        var = state["scale"].reshape(n, -1) ** 2
+        A = self.observation.matrix.to(device=loc.device, dtype=loc.dtype)
+        m = A.shape[0]
+        eye = torch.eye(m, dtype=loc.dtype, device=loc.device)
+        shared = bool((var == var[:1]).all())  # the same decoder variance for every particle
+        v = var[:1] if shared else var
+        cov_y = (A * v[:, None, :]) @ A.T + self.noise_var * eye  # (1 or n, m, m)
+        cov_y = 0.5 * (cov_y + cov_y.transpose(-1, -2))
+        mean_y = loc @ A.T
+        y = self.y.to(loc.dtype)
+        log_norm = dist.MultivariateNormal(mean_y, covariance_matrix=cov_y).log_prob(y)
+        # Matheron: x' ~ N(μ, diag v), y' = A x' + σ_y η, x_0 = x' + diag(v) Aᵀ S⁻¹ (y − y')
+        x_prior = loc + var.sqrt() * torch.randn_like(loc)
+        y_prior = x_prior @ A.T + math.sqrt(self.noise_var) * torch.randn(
+            n, m, dtype=loc.dtype, device=loc.device
+        )
+        solve = torch.linalg.solve(cov_y, (y - y_prior).unsqueeze(-1)).squeeze(-1)  # (n, m)
+        x0 = x_prior + var * (solve @ A)
+        return x0.reshape(state["loc"].shape), log_norm
 
 
 def twisted_smc(
-    diffusion: GaussianDiffusion,
+    diffusion: Diffusion,
     observation: LinearObservation,
     y: torch.Tensor,
     *,
     num_particles: int = 256,
+    num_steps: int | None = None,
     ess_threshold: float = 0.5,
     twist_variance: str = "pigdm",
     max_drift: float | None = 1.0,
     seed: int | None = None,
     progress: bool = False,
-) -> SMCResult:
+) -> PosteriorResult:
     r"""Sample p_θ(x_0 | y) by twisted SMC over the reverse chain (see the module docstring).
 
     Args:
-        diffusion: a trained diffusion with a Gaussian decoder.
+        diffusion: a trained diffusion; a discretized decoder is replaced by its continuous
+            relaxation (the particles are continuous x_0).
         observation: the linear observation model; its ``noise_scale`` must be a scalar.
         y: one observation, shape ``(m,)``.
-        num_particles: K.
-        ess_threshold: resample when ESS < ess_threshold · K.
-        twist_variance: ``"pigdm"`` (r_t = 1 − ᾱ_t) or ``"none"`` (r_t = 0).
-        max_drift: cap the proposal's shift ``σ_t² ∇ log p̃_t`` at ``max_drift · σ_t √D`` in
+        num_particles: N.
+        num_steps: the grid: None (default) the model's own, K a K-level grid
+            (``diffusion.grid(K)``, respaced for a tabulated schedule).
+        ess_threshold: resample when ESS < ess_threshold · N.
+        twist_variance: ``"pigdm"`` (r_k = sigmoid(γ_k) = 1 − ᾱ_k) or ``"none"`` (r_k = 0).
+        max_drift: cap the proposal's shift ``s_k² ∇ log p̃_k`` at ``max_drift · s_k √D`` in
             norm (None: no cap).  At high noise a learned denoiser's x̂_0 can be very
-            sensitive to x_t (its Jacobian carries 1/√ᾱ_t), and an uncapped shift throws
+            sensitive to x_k (its Jacobian carries 1/α_k), and an uncapped shift throws
             particles out of the data's range.  The weights use the proposal actually drawn
             from, so the cap changes the variance of the estimate, not its target.
         seed: seed for Pyro's and torch's generators (None: leave them as they are).
-        progress: progress bar over the T steps.
+        progress: progress bar over the K levels.
 
     Returns:
-        an :class:`SMCResult` with the weighted particles, ESS per step and log p̂_θ(y).
+        a :class:`~pyro_diffusion.inference.result.PosteriorResult` with the N weighted
+        particles (``draws``, ``log_weights``) and ``diagnostics`` ``ess`` and ``resampled``
+        ``(K + 1,)`` (entry 0 after initializing x_K, entry K − k + 1 after drawing x_{k−1};
+        ESS before any resampling), ``log_evidence`` (the SMC estimate of log p_θ(y), whose
+        exponential is unbiased), ``num_particles``, ``twist_variance``, ``ess_threshold``.
     """
     check_conditioning(diffusion, observation, y)
-    if diffusion.decoder != "gaussian":
-        raise ValueError(
-            f"diffusion: twisted SMC needs a Gaussian decoder (continuous x_0), got decoder={diffusion.decoder!r}"
-        )
     if isinstance(observation.noise_scale, torch.Tensor) and observation.noise_scale.numel() != 1:
         raise ValueError("observation: twisted_smc needs a scalar noise_scale")
     if y.dim() != 1:
         raise ValueError(f"y: expected one observation of shape (m,), got {tuple(y.shape)}")
-    if not isinstance(num_particles, int) or num_particles < 2:
-        raise ValueError(f"num_particles: expected an int K >= 2, got {num_particles!r}")
+    if isinstance(num_particles, bool) or not isinstance(num_particles, int) or num_particles < 2:
+        raise ValueError(f"num_particles: expected an int N >= 2, got {num_particles!r}")
     if twist_variance not in TWIST_VARIANCES:
         raise ValueError(f"twist_variance: expected one of {TWIST_VARIANCES}, got {twist_variance!r}")
+    if (
+        not isinstance(ess_threshold, (int, float))
+        or isinstance(ess_threshold, bool)
+        or not 0 <= ess_threshold <= 1
+    ):
+        raise ValueError(f"ess_threshold: expected a number in [0, 1], got {ess_threshold!r}")
+    if max_drift is not None and not max_drift > 0:
+        raise ValueError(f"max_drift: expected None or a positive number, got {max_drift!r}")
+    grid = inference_grid(diffusion, num_steps)
     if seed is not None:
         pyro.set_rng_seed(seed)
     start = time.perf_counter()
-    chain = _TwistedChain(diffusion, observation, y, twist_variance, max_drift)
-    smc = _RecordingSMCFilter(
-        _Model(chain), _Guide(chain), num_particles, max_plate_nesting=0, ess_threshold=ess_threshold
-    )
-    smc.init()
-    for t in tqdm(range(diffusion.num_steps, 0, -1), desc="twisted SMC", disable=not progress, leave=False):
-        smc.step(t)
-    log_weights = smc.state._log_weights - smc.state._log_weights.logsumexp(-1)
-    return SMCResult(
-        particles=smc.state["x"].clone(),
-        log_weights=log_weights.clone(),
-        ess=torch.tensor(smc.ess_trace),
-        resampled=torch.tensor(smc.resampled),
-        log_evidence=smc.log_evidence,
+    K = grid.shape[0]
+    N = num_particles
+    event_dims = diffusion.event_dims
+    dtype = torch.get_default_dtype()
+    y = y.to(device=diffusion.device, dtype=dtype)
+    chain = _TwistedChain(diffusion, observation, y, grid, twist_variance, max_drift)
+    ess_trace: list[float] = []
+    resampled: list[bool] = []
+    log_evidence = 0.0
+    log_weights = torch.full((N,), -math.log(N), dtype=torch.float64, device=diffusion.device)
+
+    def reweight(increment: torch.Tensor):
+        nonlocal log_weights, log_evidence
+        if not torch.isfinite(increment).any():
+            raise RuntimeError(
+                "twisted_smc: every particle has weight zero (the observation is impossible under the model)"
+            )
+        updated = log_weights + torch.nan_to_num(increment.to(torch.float64), nan=-math.inf)
+        log_evidence += updated.logsumexp(-1).item()  # Σ_n w̄_n exp(Δ_n), w̄ normalized before
+        log_weights = updated - updated.logsumexp(-1)
+        probs = log_weights.exp()
+        ess = (1.0 / (probs * probs).sum()).item()
+        ess_trace.append(ess)
+        resample = ess < ess_threshold * N
+        resampled.append(bool(resample))
+        return systematic_resample(log_weights) if resample else None
+
+    # x_K ~ N(0, I): the proposal is the prior, the weight the first twist
+    zeros = torch.zeros((N, *diffusion.event_shape), dtype=dtype, device=diffusion.device)
+    x = dist.Normal(zeros, 1.0).to_event(event_dims).sample()
+    state = chain.twist(x, K)
+    index = reweight(state["log_twist"])
+    if index is not None:
+        x, state = x[index], {key: value[index] for key, value in state.items()}
+        log_weights = torch.full_like(log_weights, -math.log(N))
+    for k in tqdm(range(K, 0, -1), desc="twisted SMC", disable=not progress, leave=False):
+        if k > 1:
+            prior = dist.Normal(state["loc"], state["scale"]).to_event(event_dims)
+            proposal = dist.Normal(state["loc"] + state["drift"], state["scale"]).to_event(event_dims)
+            x = proposal.sample()
+            new = chain.twist(x, k - 1)
+            increment = prior.log_prob(x) - proposal.log_prob(x) + new["log_twist"] - state["log_twist"]
+            state = new
+        else:
+            x, log_norm = chain.final_move(state)
+            increment = log_norm - state["log_twist"]
+        index = reweight(increment)
+        if index is not None:
+            x, state = x[index], {key: value[index] for key, value in state.items()}
+            log_weights = torch.full_like(log_weights, -math.log(N))
+    return PosteriorResult(
+        draws=x.detach().clone(),
+        log_weights=log_weights.to(dtype),
+        diagnostics={
+            "ess": torch.tensor(ess_trace),
+            "resampled": torch.tensor(resampled),
+            "log_evidence": log_evidence,
+            "num_particles": N,
+            "twist_variance": twist_variance,
+            "ess_threshold": float(ess_threshold),
+        },
         seconds=time.perf_counter() - start,
         network_calls=chain.network_calls,
-        extra={"num_particles": num_particles, "twist_variance": twist_variance},
+        method="twisted_smc",
+        num_steps=K,
     )

@@ -5,7 +5,7 @@ frozen) followed by the observation, ``x_{0:T} ~ p_θ``, ``y ~ p(y | x_0)``.  Th
 
 .. math::
 
-    q_φ(x_{0:T}) = q_φ(x_0)\; q(x_T \mid x_0) \prod_{t=T}^{2} q(x_{t-1} \mid x_t, x_0),
+    q_φ(x_{0:K}) = q_φ(x_0)\; q(x_K \mid x_0) \prod_{k=K}^{2} q(x_{k-1} \mid x_k, x_0),
 
 a learnable guide over x_0 (by default a mean-field Normal) followed by the diffusion's own
 forward chain in posterior order (:func:`chain_guide`, no parameters).  Its ELBO
@@ -15,22 +15,24 @@ forward chain in posterior order (:func:`chain_guide`, no parameters).  Its ELBO
     \mathbb E_{q_φ(x_0)}\big[\log p(y \mid x_0) + \mathrm{ELBO}_θ(x_0) − \log q_φ(x_0)\big]
     \le \log p_θ(y)
 
-holds ELBO_θ(x_0) ≤ log p_θ(x_0) inside, the diffusion bound of DESIGN.md §2, so maximizing
+holds ELBO_θ(x_0) ≤ log p_θ(x_0) inside (the diffusion's own variational bound on the same
+grid), so maximizing
 it over φ fits q_φ(x_0) to p_θ(x_0 | y) (mode-seeking, as any KL(q‖p) fit).  With
 :class:`pyro.infer.TraceMeanField_ELBO` the chain's sites get their analytic per-step KLs
-(each guide site ``x_{t-1}`` depends only on ``x_t`` and ``x_0``, both drawn before it, and
-the model's only on ``x_t``); the ``x_0`` site has no analytic KL (the model's x_0 depends
+(each guide site ``x_{k-1}`` depends only on ``x_k`` and ``x_0``, both drawn before it, and
+the model's only on ``x_k``); the ``x_0`` site has no analytic KL (the model's x_0 depends
 on x_1, drawn *after* it in the guide), so the guide's x_0 distribution is a
 :class:`MonteCarloNormal` for which ``kl_divergence`` refuses and the estimator uses
-``log p − log q`` there.  Cost: T network calls per ELBO evaluation (one batched call per
-step for all particles).
+``log p − log q`` there.  The chain lives on a grid of K levels of any
+:class:`~pyro_diffusion.diffusion.Diffusion` (its own, or a sub-grid: ``num_steps``).  Cost:
+K − 1 network calls per ELBO evaluation (one batched call per step for all particles), one
+more when the decoder uses the network.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
 
 import pyro
 import pyro.distributions as dist
@@ -41,12 +43,13 @@ from pyro.optim import ClippedAdam
 from torch.distributions import constraints, register_kl
 from tqdm.auto import tqdm
 
-from ..chains import forward_marginal, forward_posterior, site_name
-from ..diffusion import GaussianDiffusion
+from ..chains import site_name
+from ..diffusion import Diffusion
 from .observations import LinearObservation, check_conditioning
-from .prior import DiffusionPrior
+from .prior import DiffusionPrior, check_diffusion, inference_grid
+from .result import PosteriorResult
 
-__all__ = ["MonteCarloNormal", "chain_guide", "svi_conditional", "SVIResult"]
+__all__ = ["MonteCarloNormal", "chain_guide", "svi_conditional"]
 
 
 class MonteCarloNormal(dist.Normal):
@@ -63,86 +66,71 @@ def _refuse_kl(p, q):
     raise NotImplementedError("the guide's x_0 site is estimated by Monte Carlo")
 
 
-def _steps_for(diffusion: GaussianDiffusion, x: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    flat = x.reshape(-1, *diffusion.event_shape)
-    return flat, torch.full((flat.shape[0],), t, dtype=torch.long, device=flat.device)
-
-
-def chain_guide(diffusion: GaussianDiffusion, x0: torch.Tensor, name: str) -> torch.Tensor:
+def chain_guide(
+    diffusion: Diffusion, x0: torch.Tensor, name: str, *, num_steps: int | None = None
+) -> torch.Tensor:
     r"""The forward chain in posterior order as guide sites for a :class:`DiffusionPrior`
-    called with the same ``name``: ``{name}/x_T ~ q(x_T | x_0)``, then for t = T..2
-    ``{name}/x_{t-1} ~ q(x_{t-1} | x_t, x_0)``.  ``x0``: ``(*batch, *event_shape)``, batch
-    dimensions laid out as the caller's plates lay them out.  No parameters.  Returns x_1."""
-    schedule = diffusion.schedule
+    called with the same ``name`` and ``num_steps``: ``{name}/x_K ~ q(x_K | x_0)``, then for
+    k = K..2 ``{name}/x_{k-1} ~ q(x_{k-1} | x_k, x_0)`` on the grid ``diffusion.grid(num_steps)``
+    (None: the model's own).  ``x0``: ``(*batch, *event_shape)``, batch dimensions laid out as
+    the caller's plates lay them out.  No parameters.  Returns x_1."""
+    check_diffusion(diffusion)
     event_dims = diffusion.event_dims
-    T = diffusion.num_steps
-    flat0, steps = _steps_for(diffusion, x0, T)
-    q = forward_marginal(schedule, flat0, steps)
-    x_t = pyro.sample(
-        site_name(T, f"{name}/"),
-        dist.Normal(q.loc.reshape(x0.shape), q.scale.reshape(x0.shape)).to_event(event_dims),
-    )
-    for t in range(T, 1, -1):
-        flat_t, steps = _steps_for(diffusion, x_t, t)
-        q = forward_posterior(schedule, flat0, flat_t, steps)
-        x_t = pyro.sample(
-            site_name(t - 1, f"{name}/"),
-            dist.Normal(q.loc.reshape(x0.shape), q.scale.reshape(x0.shape)).to_event(event_dims),
-        )
+    if tuple(x0.shape[x0.dim() - event_dims :]) != tuple(diffusion.event_shape):
+        raise ValueError(f"x0: expected trailing shape {tuple(diffusion.event_shape)}, got {tuple(x0.shape)}")
+    grid = inference_grid(diffusion, num_steps)
+    K = grid.shape[0]
+    x_t = pyro.sample(site_name(K, f"{name}/"), diffusion.marginal(x0, grid[K - 1]).to_event(event_dims))
+    for k in range(K, 1, -1):
+        q = diffusion.forward_step(x0, x_t, grid[k - 2], grid[k - 1])
+        x_t = pyro.sample(site_name(k - 1, f"{name}/"), dist.Normal(q.loc, q.scale).to_event(event_dims))
     return x_t
 
 
-@dataclass
-class SVIResult:
-    """What :func:`svi_conditional` returns.
-
-    Attributes:
-        loc, scale: the fitted mean-field q_φ(x_0), each ``event_shape``.
-        losses: the loss (−ELBO estimate, nats) at every step.
-        seconds, network_calls: cost of the fit.
-    """
-
-    loc: torch.Tensor
-    scale: torch.Tensor
-    losses: list[float]
-    seconds: float
-    network_calls: int
-    extra: dict = field(default_factory=dict)
-
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Draws from q_φ(x_0), ``(num_samples, *event_shape)``."""
-        noise = torch.randn((num_samples, *self.loc.shape), generator=generator)
-        return self.loc + self.scale * noise
-
-
 def svi_conditional(
-    diffusion: GaussianDiffusion,
+    diffusion: Diffusion,
     observation: LinearObservation,
     y: torch.Tensor,
     *,
-    num_steps: int = 500,
+    num_iterations: int = 500,
     num_particles: int = 16,
+    num_steps: int | None = None,
     lr: float = 0.02,
     init_scale: float = 0.3,
+    num_draws: int = 1000,
     seed: int = 0,
     progress: bool = False,
-) -> SVIResult:
+) -> PosteriorResult:
     """Fit a mean-field Normal q_φ(x_0) to p_θ(x_0 | y) by SVI (see the module docstring).
 
     Args:
         diffusion: the trained diffusion (a discretized decoder is relaxed to a Gaussian).
         observation, y: the observation model and one observation ``(m,)``.
-        num_steps: optimizer steps; num_particles: draws per ELBO estimate (a plate).
+        num_iterations: optimizer steps; num_particles: draws per ELBO estimate (a plate).
+        num_steps: the grid: None (default) the model's own, K a K-level grid
+            (``diffusion.grid(K)``, respaced for a tabulated schedule).
         lr: Adam's learning rate; init_scale: initial standard deviation of q_φ(x_0).
+        num_draws: draws of the fitted q_φ(x_0) kept in the result's ``draws``
+            (:meth:`~PosteriorResult.sample` draws afresh from q_φ).
+
+    Returns:
+        a :class:`~pyro_diffusion.inference.result.PosteriorResult` whose ``diagnostics``
+        hold the fitted ``loc`` and ``scale`` (each ``event_shape``) and ``losses`` (the
+        −ELBO estimate in nats at every step).
     """
     check_conditioning(diffusion, observation, y)
-    for arg, value in (("num_steps", num_steps), ("num_particles", num_particles)):
-        if not isinstance(value, int) or value < 1:
+    for arg, value in (
+        ("num_iterations", num_iterations),
+        ("num_particles", num_particles),
+        ("num_draws", num_draws),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    prior = DiffusionPrior(diffusion, num_steps=num_steps, decoder="gaussian")
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
-    prior = DiffusionPrior(diffusion, decoder="gaussian")
     shape = diffusion.event_shape
+    device = diffusion.device
     scale_factor = 1.0 / num_particles
 
     def model():
@@ -151,13 +139,15 @@ def svi_conditional(
             pyro.sample("y", observation.distribution(x0), obs=y)
 
     def guide():
-        loc = pyro.param("q_x0.loc", lambda: torch.zeros(shape))
+        loc = pyro.param("q_x0.loc", lambda: torch.zeros(shape, device=device))
         scale = pyro.param(
-            "q_x0.scale", lambda: torch.full(shape, init_scale), constraint=constraints.positive
+            "q_x0.scale",
+            lambda: torch.full(shape, init_scale, device=device),
+            constraint=constraints.positive,
         )
         with poutine.scale(scale=scale_factor), pyro.plate("particles", num_particles, dim=-1):
             x0 = pyro.sample(site_name(0, "x/"), MonteCarloNormal(loc, scale).to_event(len(shape)))
-            chain_guide(diffusion, x0, "x")
+            chain_guide(diffusion, x0, "x", num_steps=num_steps)
 
     calls = [0]
 
@@ -173,18 +163,25 @@ def svi_conditional(
             # sufficient, not necessary, and the x_0 site is Monte Carlo (module docstring)
             warnings.filterwarnings("ignore", message="Failed to verify mean field restriction")
             losses = [
-                svi.step() for _ in tqdm(range(num_steps), desc="SVI", disable=not progress, leave=False)
+                svi.step() for _ in tqdm(range(num_iterations), desc="SVI", disable=not progress, leave=False)
             ]
     finally:
         handle.remove()
     store = pyro.get_param_store()
-    result = SVIResult(
-        loc=store["q_x0.loc"].detach().clone(),
-        scale=store["q_x0.scale"].detach().clone(),
-        losses=losses,
+    loc = store["q_x0.loc"].detach().clone()
+    scale = store["q_x0.scale"].detach().clone()
+    pyro.clear_param_store()
+
+    def sampler(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        noise = torch.randn((n, *loc.shape), generator=generator, dtype=loc.dtype, device=loc.device)
+        return loc + scale * noise
+
+    return PosteriorResult(
+        draws=sampler(num_draws),
+        diagnostics={"loc": loc, "scale": scale, "losses": losses, "num_particles": num_particles, "lr": lr},
         seconds=time.perf_counter() - start,
         network_calls=calls[0],
-        extra={"num_particles": num_particles, "lr": lr},
+        method="svi",
+        num_steps=prior.num_steps,
+        sampler=sampler,
     )
-    pyro.clear_param_store()
-    return result

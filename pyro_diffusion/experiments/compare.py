@@ -3,9 +3,10 @@ r"""The comparison experiment: one network, schedule and budget, several objecti
 For each objective in ``objectives`` (entries of :data:`~pyro_diffusion.training.OBJECTIVES`:
 the full ELBO with uniform or importance-sampled t, L_simple, the hybrid with learned
 variances) and each seed, :func:`run_comparison` trains a run (``out/<objective>/seed<s>``,
-a normal run directory, resumable), then measures
+a normal run directory of :func:`~pyro_diffusion.training.train`, resumable), then measures
 
-* the test NLL bound in bits/dim from all T + 1 terms (:func:`training.bound_bits_per_dim`);
+* the test NLL bound in bits/dim from all T + 1 terms
+  (:func:`~pyro_diffusion.training.bound_bits_per_dim`);
 * sample quality: for 2-D data the energy distance and MMD to held-out data; for digits the
   Fréchet distance in the feature space of a small classifier trained on the training split,
   the classifier's confidence on samples and a nearest-neighbour copy check;
@@ -29,14 +30,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import plots
-from .training import (
+from .. import plots
+from ..training import (
     CHECKPOINT,
     METRICS,
     OBJECTIVES,
     TrainConfig,
     bound_bits_per_dim,
     build_diffusion,
+    load_checkpoint,
     load_run_data,
     read_json,
     train,
@@ -69,7 +71,7 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
 
 
 def _sample_quality(diffusion, dataset, num_samples: int, seed: int, classifier) -> tuple[dict, torch.Tensor]:
-    from . import metrics
+    from .. import metrics
 
     torch.manual_seed(10_000 + seed)
     samples = diffusion.sample(num_samples).cpu()
@@ -126,19 +128,19 @@ def run_comparison(
     classifier = None
     results: dict = {"config": base.resolved(dataset).to_dict(), "seeds": list(seeds), "runs": {}}
     if dataset.is_image and dataset.labels_train is not None:
-        from .metrics import DigitsClassifier
+        from ..metrics import DigitsClassifier
 
         cached = out / "classifier.pt"
         if cached.exists():  # the same deterministic fit; saves its training time on re-runs
             classifier = DigitsClassifier()
-            classifier.load_state_dict(torch.load(cached))
+            classifier.load_state_dict(torch.load(cached, weights_only=True))
             classifier.eval()
         else:
             classifier = DigitsClassifier.fit(dataset.train, dataset.labels_train, seed=0)
             torch.save(classifier.state_dict(), cached)
         results["classifier_test_accuracy"] = classifier.accuracy(dataset.test, dataset.labels_test)
     if baselines and dataset.num_levels is not None:
-        from .baselines import baseline_bits_per_dim
+        from ..baselines import baseline_bits_per_dim
 
         results["baselines"] = baseline_bits_per_dim(dataset, mixture_components)
 
@@ -156,7 +158,7 @@ def run_comparison(
             if not done:
                 log(f"[compare] training {objective} seed {seed} for {config.steps} steps → {run_dir}")
                 train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), dataset=dataset, figures=False)
-                checkpoint = torch.load(run_dir / CHECKPOINT, map_location="cpu", weights_only=False)
+                checkpoint = load_checkpoint(run_dir / CHECKPOINT)
                 diffusion = build_diffusion(config, dataset)
                 diffusion.load_state_dict(checkpoint["model"])
                 diffusion.eval()
@@ -182,7 +184,9 @@ def run_comparison(
             runs.append(metrics)
         histories[objective] = runs[0]["loss_history"]
         profiles[objective] = np.mean([r["test_profile_bits"] for r in runs], 0).tolist()
-        first_samples[objective] = torch.load(out / objective / f"seed{seeds[0]}" / "samples.pt")
+        first_samples[objective] = torch.load(
+            out / objective / f"seed{seeds[0]}" / "samples.pt", weights_only=True
+        )
         summary = {
             "test_bits_per_dim": _mean_sd([r["test_bits_per_dim"] for r in runs]),
             "train_seconds": _mean_sd([r["train_seconds"] for r in runs]),
@@ -206,8 +210,11 @@ def run_comparison(
             plots.scatter(
                 {"held-out data": dataset.test[:1000], objective: samples}, out / f"samples_{objective}.png"
             )
-    schedule = build_diffusion(dataclasses.replace(base, seed=0), dataset).schedule
-    plots.forward_chain(schedule, dataset.test[0], out / "forward_chain.png")
+    plots.forward_chain(
+        build_diffusion(dataclasses.replace(base, seed=0), dataset),
+        dataset.test[0],
+        out / "forward_chain.png",
+    )
 
     table = format_table(results, image=dataset.is_image)
     results["table"] = table
