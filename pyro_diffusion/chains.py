@@ -60,7 +60,7 @@ from pyro.nn import PyroModule
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import constraints, kl_divergence, register_kl
 
-from .parameterization import StepCoefficients, broadcast
+from .parameterization import Prediction, StepCoefficients, broadcast, step_coefficients
 
 __all__ = [
     "GUIDE_ORDERS",
@@ -151,11 +151,15 @@ class ForwardStep(dist.Normal):
 
 class ReverseStep(dist.Normal):
     """p_θ(z_s | z_t) = N(keep·z_t + take·x̂, σ²_θ), carrying the network's ``eps_hat`` and
-    ``log_variance`` (log σ²_θ) and whether σ²_θ is the posterior's (``small``)."""
+    ``log_variance`` (log σ²_θ) and whether σ²_θ is the posterior's (``small``).  Built from
+    ``loc`` and ``scale`` alone (as Pyro's reparameterizers rebuild a distribution) it is a
+    plain Normal, and its KL is the Normal one."""
 
-    def __init__(self, loc, scale, eps_hat, log_variance, small: bool, validate_args=None):
+    def __init__(self, loc, scale, eps_hat=None, log_variance=None, small: bool = False, validate_args=None):
         super().__init__(loc, scale, validate_args=validate_args)
-        self.eps_hat = eps_hat.expand(self.batch_shape) if eps_hat.shape != self.batch_shape else eps_hat
+        if eps_hat is not None and eps_hat.shape != self.batch_shape:
+            eps_hat = eps_hat.expand(self.batch_shape)
+        self.eps_hat = eps_hat
         self.log_variance = log_variance
         self.small = small
 
@@ -164,7 +168,7 @@ class ReverseStep(dist.Normal):
         return type(self)(
             self.loc.expand(batch_shape),
             self.scale.expand(batch_shape),
-            self.eps_hat.expand(batch_shape),
+            None if self.eps_hat is None else self.eps_hat.expand(batch_shape),
             self.log_variance,
             self.small,
         )
@@ -172,6 +176,9 @@ class ReverseStep(dist.Normal):
 
 @register_kl(ForwardStep, ReverseStep)
 def _kl_forward_reverse(q: ForwardStep, p: ReverseStep):
+    if p.eps_hat is None:  # a plain Normal: the Gaussian KL from the means and scales
+        log_ratio = 2 * (torch.log(p.scale) - torch.log(q.scale))
+        return 0.5 * (log_ratio + torch.exp(-log_ratio) - 1 + ((q.loc - p.loc) / p.scale) ** 2)
     coef = q.coefficients
     squared = (q.eps - p.eps_hat) ** 2
     if p.small:  # same variance: ½ (SNR_s/SNR_t − 1)(ε − ε̂)²
@@ -305,6 +312,17 @@ class StepDraw:
         self.fixed_times = times_values
         self._levels: StepLevels | None = None
         self._key = None
+        self._coefficients: dict = {}
+
+    def coefficients(self, like: torch.Tensor) -> StepCoefficients:
+        """The drawn steps' :func:`~pyro_diffusion.parameterization.step_coefficients`, cast
+        for ``like`` and computed once per draw (the guide's and the model's step share them)."""
+        key = (like.dtype, like.dim(), torch.is_grad_enabled())
+        cached = self._coefficients.get(key)
+        if cached is None:
+            levels = self._levels
+            cached = self._coefficients[key] = step_coefficients(levels.gamma_s, levels.gamma_t, like)
+        return cached
 
     @property
     def drawn(self) -> StepLevels | None:
@@ -436,18 +454,23 @@ def _masked(mask: torch.Tensor | None):
     return poutine.mask(mask=mask) if mask is not None else poutine.mask(mask=True)
 
 
-def step_guide(diffusion, x0: torch.Tensor, levels: StepLevels) -> torch.Tensor:
-    """The forward chain restricted to one step per datum (module docstring); returns x_t."""
+def step_guide(diffusion, x0: torch.Tensor, levels: StepLevels, draw: StepDraw | None = None) -> torch.Tensor:
+    """The forward chain restricted to one step per datum (module docstring); returns x_t.
+    ``draw``: the :class:`StepDraw` the levels come from (its step coefficients are shared)."""
     event_dims = diffusion.event_dims
     with pyro.plate(diffusion.plate_name, x0.shape[0]):
         pyro.sample("x_T", _event(diffusion.marginal(x0, levels.gamma_T), event_dims))
         with _scaled(levels.weight, x0.dtype):
-            x_t = pyro.sample("x_t", _event(diffusion.marginal(x0, levels.gamma_t), event_dims))
-            eps = diffusion.noise_of(x0, x_t, levels.gamma_t)
+            upper = diffusion.marginal(x0, levels.gamma_t)
+            x_t = pyro.sample("x_t", _event(upper, event_dims))
+            eps = (x_t - upper.loc) / upper.scale  # the noise that took x_0 to x_t
             if levels.gamma_s is None:
                 q = InfinitesimalStep(x_t, eps, broadcast(levels.rate, x_t))
             else:
-                q = diffusion.forward_step(x0, x_t, levels.gamma_s, levels.gamma_t, eps=eps)
+                coefficients = draw.coefficients(x0) if draw is not None else None
+                q = diffusion.forward_step(
+                    x0, x_t, levels.gamma_s, levels.gamma_t, eps=eps, coefficients=coefficients
+                )
             with _masked(None if levels.on_decoder is None else ~levels.on_decoder):
                 pyro.sample("x_s", _event(q, event_dims))
         if levels.on_decoder is None:
@@ -455,8 +478,11 @@ def step_guide(diffusion, x0: torch.Tensor, levels: StepLevels) -> torch.Tensor:
     return x_t
 
 
-def step_model(diffusion, x0: torch.Tensor, levels: StepLevels, detach_mean: bool = False) -> torch.Tensor:
-    """The reverse chain restricted to one step per datum (module docstring); returns x_0."""
+def step_model(
+    diffusion, x0: torch.Tensor, levels: StepLevels, detach_mean: bool = False, draw: StepDraw | None = None
+) -> torch.Tensor:
+    """The reverse chain restricted to one step per datum (module docstring); returns x_0.
+    ``draw`` as in :func:`step_guide`."""
     event_dims = diffusion.event_dims
     with pyro.plate(diffusion.plate_name, x0.shape[0]):
         zeros = torch.zeros_like(x0)
@@ -469,14 +495,23 @@ def step_model(diffusion, x0: torch.Tensor, levels: StepLevels, detach_mean: boo
                 p = InfinitesimalStep(x_t, eps_hat, broadcast(levels.rate, x_t))
             else:
                 p, (prediction, variance_output) = diffusion.reverse_step(
-                    x_t, levels.gamma_s, levels.gamma_t, detach_mean=detach_mean
+                    x_t,
+                    levels.gamma_s,
+                    levels.gamma_t,
+                    detach_mean=detach_mean,
+                    coefficients=draw.coefficients(x0) if draw is not None else None,
                 )
             pyro.deterministic("eps_hat", prediction.eps, event_dim=event_dims)
             with _masked(None if levels.on_decoder is None else ~levels.on_decoder):
                 pyro.sample("x_s", _event(p, event_dims))
             if levels.on_decoder is not None:
+                # the decoder's term counts only where the step is the decoder; elsewhere its
+                # location is x_0 itself, so the masked-out terms stay finite (far-off
+                # locations give a discretized log-mass with NaN gradients in float32)
+                on_decoder = levels.on_decoder.reshape((-1,) + (1,) * event_dims)
+                located = Prediction(torch.where(on_decoder, prediction.x0, x0), prediction.eps)
                 decoder = diffusion.decoder_distribution(
-                    x_t, levels.gamma_1, prediction, variance_output, detach_mean=detach_mean
+                    x_t, levels.gamma_1, located, variance_output, detach_mean=detach_mean
                 )
                 with poutine.mask(mask=levels.on_decoder):
                     pyro.sample("x_0", _event(decoder, event_dims), obs=x0)

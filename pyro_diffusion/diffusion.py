@@ -325,10 +325,14 @@ class Diffusion(nn.Module):
         log_a2, log_s2 = alpha_sigma_log(_levels(gamma, z, self.event_dims).to(torch.float64))
         return (z - broadcast(torch.exp(0.5 * log_a2), z) * x0) / broadcast(torch.exp(0.5 * log_s2), z)
 
-    def forward_step(self, x0, z_t, gamma_s, gamma_t, eps: torch.Tensor | None = None) -> chains.ForwardStep:
-        """q(z_s | z_t, x_0), batch-shaped, for levels γ_s < γ_t (scalars or per datum)."""
+    def forward_step(
+        self, x0, z_t, gamma_s, gamma_t, eps: torch.Tensor | None = None, coefficients=None
+    ) -> chains.ForwardStep:
+        """q(z_s | z_t, x_0), batch-shaped, for levels γ_s < γ_t (scalars or per datum);
+        ``coefficients``: the step's :func:`~pyro_diffusion.parameterization.step_coefficients`
+        when already computed."""
         gamma_s, gamma_t = _levels(gamma_s, z_t, self.event_dims), _levels(gamma_t, z_t, self.event_dims)
-        coef = step_coefficients(gamma_s, gamma_t, z_t)
+        coef = coefficients if coefficients is not None else step_coefficients(gamma_s, gamma_t, z_t)
         if eps is None:
             eps = self.noise_of(x0, z_t, gamma_t)
         scale = torch.exp(0.5 * coef.log_small).expand_as(z_t)
@@ -354,14 +358,16 @@ class Diffusion(nn.Module):
         *,
         prediction: tuple[Prediction, torch.Tensor | None] | None = None,
         detach_mean: bool = False,
+        coefficients=None,
     ) -> tuple[chains.ReverseStep, tuple[Prediction, torch.Tensor | None]]:
         """p_θ(z_s | z_t) (batch-shaped, z_t's shape) and the network's (prediction, variance
-        output) at z_t, for z_t of any leading shape and levels γ_s < γ_t (scalars or per datum)."""
+        output) at z_t, for z_t of any leading shape and levels γ_s < γ_t (scalars or per datum);
+        ``coefficients`` as in :meth:`forward_step`."""
         if prediction is None:
             prediction = self.predict(z_t, gamma_t, gamma_s)
         estimate, variance_output = prediction
         gamma_s, gamma_t = _levels(gamma_s, z_t, self.event_dims), _levels(gamma_t, z_t, self.event_dims)
-        coef = step_coefficients(gamma_s, gamma_t, z_t)
+        coef = coefficients if coefficients is not None else step_coefficients(gamma_s, gamma_t, z_t)
         x0_hat, eps_hat = estimate
         if detach_mean:
             x0_hat, eps_hat = x0_hat.detach(), eps_hat.detach()
@@ -409,11 +415,19 @@ class Diffusion(nn.Module):
         return DiscretizedGaussian(loc, scale, self.num_levels)
 
     def _ddpm_decoder_log_variance(self) -> torch.Tensor:
-        """log β̃_2 of the model's own grid (DDPM's clipped log-variance at t = 1; β_1 when T = 1)."""
+        """log β̃_2 of the model's own grid (DDPM's clipped log-variance at t = 1; β_1 when T = 1);
+        kept while the grid is the same tensor and needs no gradient (a fixed schedule)."""
         grid = self.grid()
+        cached = getattr(self, "_ddpm_log_variance_cache", None)
+        if cached is not None and cached[0] is grid:
+            return cached[1]
         if grid.shape[0] < 2:
-            return alpha_sigma_log(grid[0])[1]
-        return step_coefficients(grid[0], grid[1], grid[0]).log_small
+            value = alpha_sigma_log(grid[0])[1]
+        else:
+            value = step_coefficients(grid[0], grid[1], grid[0]).log_small
+        if not grid.requires_grad:
+            self._ddpm_log_variance_cache = (grid, value)
+        return value
 
     # ------------------------------------------------------------------ Pyro programs
     def register(self) -> None:
@@ -456,7 +470,7 @@ class Diffusion(nn.Module):
         if steps is not None:
             T = self._check_num_steps(num_steps, allow_continuous=True)
             levels = steps.levels(self, T, x0.shape[0], x0.device)
-            return chains.step_model(self, x0, levels, detach_mean=steps.detach_mean)
+            return chains.step_model(self, x0, levels, detach_mean=steps.detach_mean, draw=steps)
         T = self._check_num_steps(num_steps, allow_continuous=False)
         return chains.reverse_model(self, x0, num_samples, self.grid(T))
 
@@ -480,7 +494,7 @@ class Diffusion(nn.Module):
         self.check_data(x0)
         if steps is not None:
             T = self._check_num_steps(num_steps, allow_continuous=True)
-            return chains.step_guide(self, x0, steps.levels(self, T, x0.shape[0], x0.device))
+            return chains.step_guide(self, x0, steps.levels(self, T, x0.shape[0], x0.device), steps)
         T = self._check_num_steps(num_steps, allow_continuous=False)
         return chains.forward_guide(self, x0, self.grid(T), order or self.guide_order)
 
