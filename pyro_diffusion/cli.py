@@ -8,21 +8,31 @@
     pyro-diffusion sample   --run runs/moons --num 1000
     pyro-diffusion sample   --run runs/moons --num-steps 50 --sampler ddim   # 50 respaced levels
     pyro-diffusion compare  --data digits --quick --out runs/demo
+    torchrun --standalone --nproc_per_node=2 -m pyro_diffusion.distributed --out runs/ddp   # train, DDP
 
-Every subcommand explains its flags with ``--help``; see docs/cli.md.
+The flags of ``train`` (and ``compare``) are generated from the fields of
+:class:`~pyro_diffusion.training.TrainConfig` (:func:`add_config_flags`), their choices from
+the registries; ``train`` runs the package's training engine, data-parallel when started by
+``torchrun``.  Every subcommand explains its flags with ``--help``; see docs/cli.md.
+
+A bad value, file or run directory ends the command with exit status 2 and one line
+``pyro-diffusion CMD: error: --flag: what was expected``, before anything in a run directory
+is changed; checkpoints are only read with ``weights_only=True`` (:mod:`~pyro_diffusion.runs`).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
+import re
 import sys
+import typing
 from pathlib import Path
 
-from .training import NETWORKS, OBJECTIVES, SCHEDULES, TrainConfig
+from . import runs
+from .training import OBJECTIVES, TrainConfig
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "add_config_flags"]
 
 
 def _positive_int(text: str) -> int:
@@ -45,155 +55,108 @@ def _unit_interval(text: str) -> float:
     return value
 
 
-def _add_model_flags(parser: argparse.ArgumentParser, compare: bool = False) -> None:
-    """Flags that set a TrainConfig field; default None means "the configuration's default"."""
-    defaults = TrainConfig()
-    parser.add_argument(
-        "--data",
-        default=None,
-        help="data set: moons, swissroll, gmm, digits, or a path to a .npy/.pt array (N, *event_shape)"
-        f" (default {defaults.data}{'; digits for compare' if compare else ''})",
-    )
-    parser.add_argument("--steps", type=_positive_int, help=f"SVI steps (default {defaults.steps})")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda (default cpu)")
-    parser.add_argument(
-        "--batch-size", type=_positive_int, help=f"minibatch size (default {defaults.batch_size})"
-    )
-    parser.add_argument("--lr", type=float, help=f"Adam learning rate (default {defaults.lr})")
-    parser.add_argument(
-        "--lr-final-fraction",
-        type=float,
-        help="decay the learning rate geometrically to lr × this at the last step (default 1: no decay)",
-    )
-    parser.add_argument(
-        "--num-steps",
-        type=_positive_int,
-        help=f"T, the model's number of noise levels (diffusion steps) (default {defaults.num_steps})",
-    )
-    parser.add_argument(
-        "--schedule",
-        choices=sorted(SCHEDULES),
-        help="noise schedule: linear (DDPM), cosine (Improved DDPM), log-snr (log SNR linear in t "
-        "between --log-snr-max and --log-snr-min), all tabulated on T levels; or gamma-linear (VDM's "
-        "γ = −log SNR linear in time), gamma-cosine, learned (VDM's learned γ), functions of time on a "
-        "T-level grid between --gamma-min and --gamma-max; default log-snr for K-level data, linear otherwise",
-    )
-    parser.add_argument(
-        "--beta-start",
-        type=float,
-        help="β_1 of the linear schedule, β linear in t (default, with --beta-end unset too: DDPM's "
-        "1000-step range of noise levels at T levels; else 1e-4·1000/T)",
-    )
-    parser.add_argument(
-        "--beta-end",
-        type=float,
-        help="β_T of the linear schedule (default, with --beta-start unset too: as for --beta-start; "
-        "else 0.02·1000/T)",
-    )
-    parser.add_argument(
-        "--log-snr-max",
-        type=float,
-        help=f"log SNR at t = 1 for --schedule log-snr (default {defaults.log_snr_max})",
-    )
-    parser.add_argument(
-        "--log-snr-min",
-        type=float,
-        help=f"log SNR at t = T for --schedule log-snr (default {defaults.log_snr_min})",
-    )
-    parser.add_argument(
-        "--gamma-min",
-        type=float,
-        help="γ = −log SNR at t = 0 for gamma-linear, gamma-cosine, learned (default −13.3, −10, −10)",
-    )
-    parser.add_argument(
-        "--gamma-max",
-        type=float,
-        help="γ = −log SNR at t = 1 for gamma-linear, gamma-cosine, learned (default 5, 10, 6)",
-    )
-    parser.add_argument(
-        "--network",
-        choices=sorted(NETWORKS),
-        help="denoiser: mlp (on the flattened datum, default) or unet",
-    )
-    parser.add_argument(
-        "--hidden", type=_positive_int, help=f"MLP width / U-Net base channels ({defaults.hidden})"
-    )
-    parser.add_argument("--depth", type=int, help=f"residual blocks of the MLP (default {defaults.depth})")
-    parser.add_argument(
-        "--checkpoint-every",
-        type=_positive_int,
-        help=f"write a checkpoint every N steps (default {defaults.checkpoint_every})",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-_FIELDS = {
+_GROUP_TITLES = {
     "data": "data",
     "objective": "objective",
-    "steps": "steps",
-    "seed": "seed",
-    "device": "device",
-    "batch_size": "batch_size",
-    "lr": "lr",
-    "lr_final_fraction": "lr_final_fraction",
-    "num_steps": "num_steps",
-    "schedule": "schedule",
-    "beta_start": "beta_start",
-    "beta_end": "beta_end",
-    "log_snr_max": "log_snr_max",
-    "log_snr_min": "log_snr_min",
-    "gamma_min": "gamma_min",
-    "gamma_max": "gamma_max",
-    "network": "network",
-    "hidden": "hidden",
-    "depth": "depth",
-    "checkpoint_every": "checkpoint_every",
+    "model": "model",
+    "optimizer": "optimizer",
+    "validation": "validation and checkpoint selection",
+    "run": "run",
 }
 
 
+def _field_type(annotation) -> type:
+    """``int`` for ``int`` and ``int | None`` (and so on)."""
+    options = [a for a in typing.get_args(annotation) if a is not type(None)] or [annotation]
+    return options[0]
+
+
+def _choices_help(registry) -> str:
+    entries = [
+        f"{name}: {entry.description}"
+        for name, entry in registry.items()
+        if getattr(entry, "description", "")
+    ]
+    return " (" + "; ".join(entries) + ")" if entries else ""
+
+
+def add_config_flags(parser: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
+    """One flag per field of :class:`~pyro_diffusion.training.TrainConfig` (``--batch-size`` for
+    ``batch_size``; ``--flag/--no-flag`` for a boolean), its type, choices (from the
+    registries), help and default taken from the field.  Every flag defaults to None,
+    "not given": the configuration's default, or the resumed run's value."""
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for field in dataclasses.fields(TrainConfig):
+        if field.name in exclude:
+            continue
+        meta = field.metadata
+        title = meta.get("group", "run")
+        if title not in groups:
+            groups[title] = parser.add_argument_group(_GROUP_TITLES.get(title, title))
+        group = groups[title]
+        kind = _field_type(hints[field.name])
+        shown = meta.get("shown") if meta.get("shown") is not None else field.default
+        text = meta.get("help", field.name)
+        flag = "--" + field.name.replace("_", "-")
+        options: dict = {"dest": field.name, "default": None}
+        if kind is bool:
+            group.add_argument(
+                flag, action=argparse.BooleanOptionalAction, help=f"{text} (default: {shown})", **options
+            )
+            continue
+        if meta.get("choices") is not None:
+            registry = meta["choices"]()
+            options["choices"] = sorted(registry)
+            text += _choices_help(registry) if isinstance(registry, dict) else ""
+        group.add_argument(flag, type=kind, help=f"{text} (default: {shown})", **options)
+
+
 def _config_from_args(args, base: TrainConfig | None = None) -> TrainConfig:
+    """``base`` (default: the defaults) with the configuration flags that were given."""
     values = {}
-    for flag, field in _FIELDS.items():
-        value = getattr(args, flag, None)
+    for field in dataclasses.fields(TrainConfig):
+        value = getattr(args, field.name, None)
         if value is not None:
-            values[field] = value
-    if getattr(args, "no_progress", False):
-        values["progress"] = False
+            values[field.name] = value
     return dataclasses.replace(base or TrainConfig(), **values)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose usage errors are one line (``PROG: error: MESSAGE``), exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {runs.one_line(message, None)} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pyro-diffusion",
-        description="Denoising diffusion models as Pyro programs: train with SVI on the full ELBO "
+        description="Denoising diffusion models as Pyro programs: train on the full ELBO "
         "(or L_simple / hybrid), sample, evaluate the test NLL bound, compare objectives.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,sample,evaluate,compare}")
 
     train = sub.add_parser(
         "train",
-        help="train a diffusion with SVI into a run directory",
-        description="Train with pyro.infer.SVI. Writes OUT/config.json, OUT/metrics.json, atomic "
-        "checkpoints OUT/checkpoint.pt every --checkpoint-every steps, and figures (loss.png, "
-        "samples.png). --resume continues exactly where the checkpoint stopped.",
+        help="train a diffusion into a run directory",
+        description="Train the loss of the Pyro programs (Pyro's ELBOModule) with torch.optim.Adam in the "
+        "package's training engine. Writes OUT/config.json, OUT/metrics.json, atomic checkpoints "
+        "OUT/checkpoint.pt every --checkpoint-every steps, and figures (loss.png, samples.png, "
+        "schedule.png). --resume continues exactly where the checkpoint stopped. Started by torchrun, "
+        "it trains data-parallel (one process per GPU, --batch-size per process). Every flag below "
+        "the first three sets a field of the run's configuration.",
     )
     train.add_argument("--out", required=True, help="run directory (created)")
-    train.add_argument(
-        "--objective",
-        choices=sorted(OBJECTIVES),
-        help="training objective: "
-        + "; ".join(f"{name}: {entry.description}" for name, entry in OBJECTIVES.items())
-        + " (default elbo)",
-    )
-    train.add_argument("--seed", type=int, help="seed for weights, data order and noise (default 0)")
     train.add_argument(
         "--resume",
         action="store_true",
         help="continue the run in --out from its checkpoint; the configuration must match "
-        "(only --steps, --device, --checkpoint-every may change); unset flags are taken from the run",
+        "(only --steps, --device, --checkpoint-every, --progress, --log-every may change); unset flags "
+        "are taken from the run",
     )
     train.add_argument("--evaluate", action="store_true", help="after training, also run `evaluate`")
-    _add_model_flags(train)
+    add_config_flags(train)
 
     sample = sub.add_parser(
         "sample",
@@ -230,11 +193,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "evaluate",
-        help="test NLL bound (bits/dim, all T terms) of a run",
-        description="Evaluate −ELBO over all T + 1 terms on the test split, in bits/dim; writes it "
-        "(with the per-step profile) into RUN/metrics.json and RUN/profile.png, and prints it.",
+        help="test NLL bound (bits/dim) of a run",
+        description="Evaluate −ELBO on the test split, in bits/dim, on the grid of the run's training loss: "
+        "on a grid all its terms (decoder, per-step KLs, prior) once per test datum, with the per-step "
+        "profile; in continuous time --num-times draws of the one-step estimator per datum. Writes it into "
+        "RUN/metrics.json (and RUN/profile.png) and prints it.",
     )
     evaluate.add_argument("--run", required=True, help="run directory written by `train`")
+    evaluate.add_argument(
+        "--num-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="the bound's grid: K levels, 0 continuous time (default: the grid of the run's training loss)",
+    )
+    evaluate.add_argument(
+        "--num-times",
+        type=_positive_int,
+        default=None,
+        help="draws per test datum of the continuous-time bound (default 100)",
+    )
     evaluate.add_argument("--device", default=None, help="torch device (default: the run's)")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -242,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
         "compare",
         help="compare objectives (full ELBO, importance-sampled ELBO, L_simple, hybrid) over seeds",
         description="Train the same network, schedule and budget with each objective and seed; "
-        "report test bits/dim, sample quality, time; write OUT/results.{md,json} and figures.",
+        "report test bits/dim, sample quality, time; write OUT/results.{md,json} and figures. "
+        "The configuration flags are those of `train` (default data: digits).",
     )
     compare.add_argument("--out", required=True, help="comparison directory (created; finished runs reused)")
     compare.add_argument(
@@ -281,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(the network decoder, checkpoints selected on 200 held-out images, EMA, weight decay, at most "
         "8,000 steps, tuned endpoints [−2, 4]: the recipe of the best results in docs/learned_schedules.md)",
     )
-    _add_model_flags(compare, compare=True)
+    add_config_flags(compare, exclude=("objective", "seed"))
     return parser
 
 
@@ -294,23 +273,39 @@ def _schedule_study():
 
 
 def _train(args) -> int:
-    from .training import CONFIG, evaluate_run, train
+    from .distributed import process_group
+    from .engine import world
+    from .training import CONFIG, evaluate_run, read_config, train
 
-    out = Path(args.out)
+    out = runs.check_out(args.out, argument="--out")
     base = TrainConfig()
     if args.resume and (out / CONFIG).exists():
-        base = TrainConfig.from_dict(json.loads((out / CONFIG).read_text()))
+        base = read_config(out, argument="--out")
     config = _config_from_args(args, base)
-    metrics = train(config, out, resume=args.resume)
+    with process_group():
+        metrics = train(config, out, resume=args.resume)
+        rank, world_size = world()
+    if rank != 0:
+        return 0
+    where = f" on {world_size} processes" if world_size > 1 else ""
     print(
-        f"trained {metrics['steps']} steps in {metrics['train_seconds']:.1f} s; final loss {metrics['final_loss']:.5g}"
+        f"trained {metrics['steps']} steps{where} in {metrics['train_seconds']:.1f} s; "
+        f"final loss {metrics['final_loss']:.5g}; weights: {metrics['selected']}"
     )
     if args.evaluate:
         metrics = evaluate_run(out, device=args.device, progress=config.progress)
-        print(
-            f"test bits/dim: {metrics['test_bits_per_dim']:.4f} ± {metrics['test_bits_per_dim_se']:.4f} (se)"
-        )
+        _print_bound(metrics)
     return 0
+
+
+def _print_bound(metrics: dict) -> None:
+    grid = metrics.get("test_num_steps")
+    where = "continuous time" if grid == 0 else f"T = {grid}"
+    draws = f", {metrics['test_num_times']} draws per datum" if "test_num_times" in metrics else ""
+    print(
+        f"test bits/dim: {metrics['test_bits_per_dim']:.4f} ± {metrics['test_bits_per_dim_se']:.4f} (se; "
+        f"{where}{draws})"
+    )
 
 
 def _sample(args) -> int:
@@ -321,18 +316,31 @@ def _sample(args) -> int:
 
     if args.eta is not None and args.sampler != "ddim":
         raise ValueError(f"--eta: only for --sampler ddim, got --sampler {args.sampler}")
-    config, diffusion, dataset = load_run(args.run, args.device)
+    runs.check_seed(args.seed, argument="--seed")
+    run = runs.check_run_dir(args.run, argument="--run")
+    if args.out is not None:
+        stem = runs.check_out(args.out, argument="--out")
+        if stem.is_dir():
+            raise ValueError(f"--out: {stem} is a directory; expected a file stem such as {stem / 'samples'}")
+    else:
+        stem = run / f"samples_seed{args.seed}"
+    config, diffusion, dataset = load_run(run, args.device)
+    runs.check_sample_count(args.num, diffusion.event_size, argument="--num")
+    if args.num_steps is not None:
+        diffusion.grid(args.num_steps)  # a grid the schedule cannot give is refused before sampling
     options = {"eta": args.eta or 0.0} if args.sampler == "ddim" else {}
     torch.manual_seed(args.seed)
     samples = diffusion.sample(
         args.num, num_steps=args.num_steps, method=args.sampler, progress=not args.no_progress, **options
     ).cpu()
-    stem = Path(args.out) if args.out else Path(args.run) / f"samples_seed{args.seed}"
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(samples, stem.with_suffix(".pt"))
+    try:
+        stem.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise runs.RunFileError(f"--out: cannot create {stem.parent}: {error.strerror or error}") from None
+    runs.atomic_save(samples, stem.with_suffix(".pt"), argument="--out")
     if dataset.is_image:
         plots.sample_grid(samples[:64], stem.with_suffix(".png"))
-    elif samples.shape[1:] == (2,):
+    else:  # vectors of any dimension: the first two coordinates, or a histogram of one
         plots.scatter(
             {"held-out data": dataset.test[: args.num], "samples": samples}, stem.with_suffix(".png")
         )
@@ -343,18 +351,33 @@ def _sample(args) -> int:
 def _evaluate(args) -> int:
     from .training import evaluate_run
 
-    metrics = evaluate_run(args.run, device=args.device, progress=not args.no_progress)
-    print(f"test bits/dim: {metrics['test_bits_per_dim']:.4f} ± {metrics['test_bits_per_dim_se']:.4f} (se)")
+    if args.num_steps is not None and args.num_steps < 0:
+        raise ValueError(f"--num-steps: expected K >= 1 or 0 (continuous time), got {args.num_steps}")
+    runs.check_run_dir(args.run, argument="--run")
+    metrics = evaluate_run(
+        args.run,
+        device=args.device,
+        num_steps=args.num_steps,
+        num_times=args.num_times,
+        progress=not args.no_progress,
+    )
+    _print_bound(metrics)
     return 0
 
 
 def _compare(args) -> int:
     from .experiments.compare import QUICK, run_comparison
 
+    runs.check_out(args.out, argument="--out")
+    for seed in args.seeds or ():
+        runs.check_seed(seed, argument="--seeds")
     study = _schedule_study() if args.vdm else None
     if args.vdm:  # before the long core comparison, not after it
         for name in args.vdm:
-            study.check_config(name)
+            try:
+                study.check_config(name)
+            except ValueError as error:
+                raise ValueError(f"--vdm: {runs.one_line(error, None).split(': ', 1)[-1]}") from None
     base = TrainConfig(data="digits")
     if args.quick:
         base = dataclasses.replace(base, **QUICK)
@@ -378,21 +401,63 @@ def _compare(args) -> int:
             quick=args.quick,
             baselines=not args.no_baselines,
             recipe=args.vdm_recipe,
+            progress=config.progress,
         )
         print(f"wrote {Path(args.out) / 'vdm' / 'results.md'}")
     return 0
 
 
+_FIELD = re.compile(r"^([a-z_]+)(, [a-z_]+)*: ")
+
+
+def _flagged(message: str) -> str:
+    """A configuration error as the flags name it: ``lr: ...`` becomes ``--lr: ...``."""
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    match = _FIELD.match(message)
+    if not match:
+        return message
+    names = match.group(0)[:-2].split(", ")
+    if not all(name in fields for name in names):
+        return message
+    return ", ".join("--" + name.replace("_", "-") for name in names) + message[len(match.group(0)) - 2 :]
+
+
+def _error_message(error: BaseException) -> str:
+    import torch
+
+    if isinstance(error, FloatingPointError):
+        return f"{error}; the checkpoint before it is kept (lower --lr, or clip with --clip-norm)"
+    if isinstance(error, torch.cuda.OutOfMemoryError) or isinstance(error, MemoryError):
+        return "out of memory; use a smaller --batch-size, --num or model"
+    if isinstance(error, OSError) and not isinstance(error, (FileNotFoundError, FileExistsError)):
+        where = f" {error.filename}" if error.filename else ""
+        return f"cannot read or write{where}: {error.strerror or error}"
+    return _flagged(runs.one_line(error, None))
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``pyro-diffusion``; returns the exit status (errors: 2, with a message)."""
+    """Entry point of ``pyro-diffusion``; returns the exit status.  Every error a user can
+    cause (a bad flag value, data file, run directory or checkpoint, a run locked by another
+    process, a full or read-only disk, a diverging loss) is one line on stderr and status 2."""
+    import torch
+
     parser = build_parser()
     args = parser.parse_args(argv)
     handlers = {"train": _train, "sample": _sample, "evaluate": _evaluate, "compare": _compare}
     try:
         return handlers[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"pyro-diffusion {args.command}: error: {error}", file=sys.stderr)
+    except (
+        ValueError,
+        OSError,
+        FloatingPointError,
+        MemoryError,
+        torch.cuda.OutOfMemoryError,
+    ) as error:
+        print(f"pyro-diffusion {args.command}: error: {_error_message(error)}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"pyro-diffusion {args.command}: interrupted; the last checkpoint is kept", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

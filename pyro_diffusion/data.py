@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["Dataset", "GaussianMixture2D", "load_dataset", "DATASETS", "DIGITS_LEVELS"]
+__all__ = ["Dataset", "GaussianMixture2D", "load_dataset", "DATASETS", "DIGITS_LEVELS", "MAX_ABS_VALUE"]
 
 DATASETS = ("moons", "swissroll", "gmm", "digits")
 DIGITS_LEVELS = 17
@@ -138,34 +138,172 @@ def _check_levels(tensor: torch.Tensor, num_levels: int, path: Path) -> None:
         )
 
 
-def _user_file(path: Path, test_fraction: float, seed: int, num_levels: int | None = None) -> Dataset:
-    if path.suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except ValueError as error:
-            raise ValueError(f"data: {path} is not a plain numeric .npy array ({error})") from error
-        tensor = torch.from_numpy(np.asarray(array))
-    elif path.suffix == ".pt":
-        try:
-            tensor = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # unpickling errors come in several types
-            raise ValueError(f"data: {path} is not a readable .pt tensor file ({error})") from error
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"data: {path} must hold a single tensor, found {type(tensor).__name__}")
-    else:
-        raise ValueError(f"data: expected a .npy or .pt file, got {path.name!r}")
-    if tensor.dim() < 2 or tensor.shape[0] < 2:
+#: the largest magnitude a value of a user's data may have: diffusion models assume data of
+#: roughly unit scale (the prior is N(0, I)); beyond this it is almost surely a unit mistake
+MAX_ABS_VALUE = 1e6
+#: the largest array a user file may hold, in bytes of its own dtype
+MAX_FILE_ARRAY_BYTES = 16 * 2**30
+_NUMERIC_KINDS = {"b": "bool", "i": "integer", "u": "unsigned integer", "f": "floating point"}
+_REFUSED_KINDS = {
+    "U": "unicode strings",
+    "S": "byte strings",
+    "V": "raw bytes (void)",
+    "M": "datetimes",
+    "m": "timedeltas",
+    "c": "complex numbers",
+    "O": "Python objects",
+}
+
+
+def _check_dtype(dtype: np.dtype, path: Path) -> None:
+    if dtype.hasobject:
         raise ValueError(
-            f"data: {path} must hold an array (N, *event_shape) with N >= 2, got shape {tuple(tensor.shape)}"
+            f"data: {path} holds Python objects (dtype {dtype}), which are never unpickled; "
+            "expected a plain numeric array (integer or floating point)"
         )
-    if not (
-        tensor.is_floating_point()
-        or tensor.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
-    ):
+    if dtype.fields is not None:
+        raise ValueError(
+            f"data: {path} holds a structured array (dtype {dtype}); expected a plain numeric array "
+            "(stack the fields into one array)"
+        )
+    if dtype.subdtype is not None:
+        raise ValueError(f"data: {path} has a sub-array dtype {dtype}; expected a plain numeric dtype")
+    if dtype.kind in _REFUSED_KINDS:
+        raise ValueError(
+            f"data: {path} holds {_REFUSED_KINDS[dtype.kind]} (dtype {dtype}); expected a plain numeric "
+            "array (integer or floating point)"
+        )
+    if dtype.kind == "f" and dtype.itemsize > 8:
+        raise ValueError(
+            f"data: {path} holds extended-precision floats (dtype {dtype}); expected float16, float32 "
+            "or float64 (convert it with .astype(np.float64))"
+        )
+    if dtype.kind not in _NUMERIC_KINDS:
+        raise ValueError(f"data: {path} has dtype {dtype}; expected a plain numeric array")
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """A ``.npy`` file read without unpickling, its header checked against the file first."""
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"data: {path} is empty (0 bytes); expected a .npy array")
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if head.startswith(b"PK"):
+            raise ValueError(
+                f"data: {path} is a zip archive (an .npz or a .pt file renamed .npy?); expected a .npy "
+                "array (np.save), or pass a .pt file under its own name"
+            )
+        if not head.startswith(b"\x93NUMPY"):
+            raise ValueError(
+                f"data: {path} is not a .npy file (no NumPy header); expected an array saved by np.save"
+            )
+        handle.seek(0)
+        try:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:
+                raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+        except Exception as error:  # a damaged header fails in several ways
+            reason = " ".join(str(error).split())[:160]
+            raise ValueError(f"data: {path} has a damaged .npy header ({reason})") from None
+        offset = handle.tell()
+    _check_dtype(dtype, path)
+    if any(not isinstance(n, int) or n < 0 for n in shape):
+        raise ValueError(f"data: {path} has an invalid shape {shape} in its header")
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > MAX_FILE_ARRAY_BYTES:
+        raise ValueError(
+            f"data: {path} claims an array of shape {tuple(shape)} ({needed / 2**30:.3g} GiB); "
+            f"expected at most {MAX_FILE_ARRAY_BYTES / 2**30:.0f} GiB"
+        )
+    if size - offset < needed:
+        raise ValueError(
+            f"data: {path} is truncated: its header claims shape {tuple(shape)} ({needed} bytes of "
+            f"{dtype}) but only {size - offset} bytes follow"
+        )
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        reason = " ".join(str(error).split())[:160]
+        raise ValueError(f"data: {path} is not a plain numeric .npy array ({reason})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"data: {path} is not a single .npy array")
+    return array
+
+
+def _read_pt(path: Path) -> torch.Tensor:
+    """The one tensor of a ``.pt`` file, read with ``weights_only=True`` (nothing in it runs)."""
+    from .runs import RunError, check_plain_tensors, torch_load
+
+    try:
+        tensor = torch_load(path, argument="data", what=".pt tensor file")
+    except RunError as error:
+        raise ValueError(str(error)) from None
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"data: {path} must hold a single tensor, found {type(tensor).__name__}")
+    try:
+        check_plain_tensors(tensor, path, "data")
+    except RunError as error:
+        raise ValueError(str(error)) from None
+    tensor = tensor.detach()  # data, not a parameter: a requires_grad flag is dropped
+    if tensor.is_complex():
+        raise ValueError(f"data: {path} holds complex numbers (dtype {tensor.dtype}); expected a real tensor")
+    if not (tensor.is_floating_point() or tensor.dtype in _TORCH_INTEGERS):
         raise ValueError(f"data: {path} must hold numbers, got dtype {tensor.dtype}")
-    tensor = tensor.float()
-    if not torch.isfinite(tensor).all():
+    return tensor
+
+
+_TORCH_INTEGERS = (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def _check_values(tensor: torch.Tensor, path: Path) -> None:
+    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
         raise ValueError(f"data: {path} contains NaN or infinite values")
+    if tensor.numel():
+        largest = max(abs(tensor.max().item()), abs(tensor.min().item()))
+        if largest > MAX_ABS_VALUE:
+            raise ValueError(
+                f"data: {path} holds values up to {largest:.3g} in magnitude; expected |x| <= "
+                f"{MAX_ABS_VALUE:.0e} (standardize the data: diffusion models assume roughly unit scale)"
+            )
+
+
+def _user_file(path: Path, test_fraction: float, seed: int, num_levels: int | None = None) -> Dataset:
+    if path.is_dir():
+        raise ValueError(f"data: {path} is a directory; expected a .npy or .pt file")
+    try:
+        if path.suffix == ".npy":
+            array = _read_npy(path)
+            shape = array.shape
+            if array.dtype.kind in "biu":  # every integer width, exactly, before the range check
+                array = array.astype(np.float64)
+            tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("=")))
+        elif path.suffix == ".pt":
+            tensor = _read_pt(path)
+            shape = tuple(tensor.shape)
+        else:
+            raise ValueError(f"data: expected a .npy or .pt file, got {path.name!r}")
+    except OSError as error:
+        raise ValueError(f"data: cannot read {path}: {error.strerror or error}") from None
+    if tensor.dim() < 2 or tensor.shape[0] < 2:
+        hint = " (for scalars, reshape it to (N, 1))" if tensor.dim() == 1 else ""
+        raise ValueError(
+            f"data: {path} must hold an array (N, *event_shape) with N >= 2, got shape {tuple(shape)}{hint}"
+        )
+    if any(n == 0 for n in tensor.shape[1:]):
+        raise ValueError(
+            f"data: {path} has an empty event shape {tuple(tensor.shape[1:])}; expected sizes >= 1"
+        )
+    if tensor.dtype == torch.bool:
+        tensor = tensor.to(torch.uint8)
+    _check_values(tensor, path)
+    tensor = tensor.float().contiguous()
+    if not torch.isfinite(tensor).all():  # e.g. float64 beyond float32's range
+        raise ValueError(f"data: {path} contains values beyond float32's range")
     if num_levels is not None:
         _check_levels(tensor, num_levels, path)
     g = torch.Generator().manual_seed(seed)
@@ -198,8 +336,17 @@ def load_dataset(
 
     The digits split is always the same (297 test images, stratified, ``random_state=0``).
 
+    A user file is read without running anything in it (``np.load(allow_pickle=False)``,
+    ``torch.load(weights_only=True)``) and checked first: a ``.npy`` header must describe a
+    plain numeric array (integers, bool, float16/32/64; not strings, bytes, datetimes,
+    structured, object, complex or extended-precision values) that the file actually holds;
+    a ``.pt`` file must hold one dense tensor (not sparse, meta or quantized; a
+    ``requires_grad`` flag is dropped).  Values must be finite with ``|x| <= 1e6``
+    (:data:`MAX_ABS_VALUE`).  Any event shape ``(N, D)``, ``(N, C, H, W)``, … with N >= 2.
+
     Raises:
-        ValueError: unknown name, malformed file, bad sizes; FileNotFoundError: missing file.
+        ValueError: unknown name, malformed file (one line starting ``data:`` and naming the
+            file), bad sizes; FileNotFoundError: missing file.
     """
     for argument, value in (("num_train", num_train), ("num_test", num_test)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

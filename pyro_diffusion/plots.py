@@ -3,7 +3,8 @@
 * :func:`loss_curves` — training loss against SVI step, one line per run (smoothed).
 * :func:`term_profile` — the per-step terms L_t against t in bits/dim: where the bound spends
   its bits.
-* :func:`sample_grid` / :func:`scatter` — samples of images or of 2-D data.
+* :func:`sample_grid` / :func:`scatter` — samples of images or of vectors (the first two
+  coordinates; a histogram for 1-D data).
 * :func:`forward_chain` — one datum noised by q(x_t | x_0) at a few levels of a grid.
 """
 
@@ -80,37 +81,62 @@ def term_profile(profiles: Mapping[str, Sequence[float]], path: str | Path) -> P
 
 
 def sample_grid(images: torch.Tensor, path: str | Path, ncols: int = 8, title: str | None = None) -> Path:
-    """A grid of images ``(N, C, H, W)`` in [−1, 1] (C = 1 grey, or 3)."""
+    """A grid of images ``(N, C, H, W)`` in [−1, 1] (C = 3 in colour; otherwise the first
+    channel, in grey)."""
     images = torch.as_tensor(images).detach().cpu().float().clamp(-1, 1)
     if images.dim() != 4:
         raise ValueError(f"images: expected shape (N, C, H, W), got {tuple(images.shape)}")
     n = images.shape[0]
+    if n < 1:
+        raise ValueError("images: expected at least one image")
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(ncols * 0.8, nrows * 0.8 + (0.3 if title else 0)))
     for i, ax in enumerate(np.asarray(axes).reshape(-1)):
         ax.axis("off")
         if i < n:
             image = (images[i] + 1) / 2
-            if image.shape[0] == 1:
-                ax.imshow(image[0].numpy(), cmap="gray_r", vmin=0, vmax=1)
-            else:
+            if image.shape[0] == 3:
                 ax.imshow(image.permute(1, 2, 0).numpy())
+            else:  # grey, or the first channel of any other number of channels
+                ax.imshow(image[0].numpy(), cmap="gray_r", vmin=0, vmax=1)
     if title:
         fig.suptitle(title, fontsize=9)
     return _save(fig, path)
 
 
+def _points(points, name: str) -> torch.Tensor:
+    """``(N, D)`` points (any event shape is flattened to D values)."""
+    points = torch.as_tensor(points).detach().cpu().float()
+    if points.dim() == 1:
+        points = points[:, None]
+    if points.dim() < 2 or points.shape[0] < 1 or points[0].numel() < 1:
+        raise ValueError(f"sets[{name!r}]: expected points of shape (N, D), got {tuple(points.shape)}")
+    return points.reshape(points.shape[0], -1)
+
+
 def scatter(sets: Mapping[str, torch.Tensor], path: str | Path) -> Path:
-    """Side-by-side scatter plots of 2-D point sets ``(N, 2)`` on shared axes."""
+    """Side-by-side plots of point sets ``(N, D)`` on shared axes: a scatter of the first two
+    coordinates (D ≥ 2; titled with the dimensions shown when D > 2), a histogram for D = 1.
+    Any other event shape is flattened to D values first."""
+    if not sets:
+        raise ValueError("sets: expected at least one point set")
+    flat = {name: _points(points, name) for name, points in sets.items()}
+    dims = {points.shape[1] for points in flat.values()}
+    if len(dims) != 1:
+        raise ValueError(f"sets: expected point sets of one dimension, got {sorted(dims)}")
+    (dim,) = dims
     fig, axes = plt.subplots(
-        1, len(sets), figsize=(3.2 * len(sets), 3.2), squeeze=False, sharex=True, sharey=True
+        1, len(flat), figsize=(3.2 * len(flat), 3.2), squeeze=False, sharex=True, sharey=dim > 1
     )
-    for ax, (name, points) in zip(axes[0], sets.items()):
-        points = torch.as_tensor(points).detach().cpu().float()
-        if points.dim() != 2 or points.shape[1] != 2:
-            raise ValueError(f"sets[{name!r}]: expected shape (N, 2), got {tuple(points.shape)}")
-        ax.scatter(points[:, 0], points[:, 1], s=2, alpha=0.5)
-        ax.set_title(name)
+    for ax, (name, points) in zip(axes[0], flat.items()):
+        finite = points[torch.isfinite(points).all(1)]
+        if dim == 1:
+            ax.hist(finite[:, 0].numpy(), bins=50, density=True, alpha=0.7)
+            ax.set_xlabel("x")
+            ax.set_title(name)
+            continue
+        ax.scatter(finite[:, 0], finite[:, 1], s=2, alpha=0.5)
+        ax.set_title(name if dim == 2 else f"{name} (dims 1, 2 of {dim})")
         ax.set_aspect("equal")
     return _save(fig, path)
 
@@ -142,7 +168,8 @@ def forward_chain(
     α_t² = ᾱ_t = sigmoid(−γ_t), at the given 1-based ``steps`` of the grid ``levels`` (a
     :class:`~pyro_diffusion.diffusion.Diffusion`, whose own grid is used, a schedule with a
     native grid, or a tensor of levels γ_1 < … < γ_T; default steps: 8 spread over 1..T);
-    images are shown as pictures, 2-D data as a cloud of 500 draws per step."""
+    images are shown as pictures (their first channel), vectors as a cloud of 500 draws per step
+    (the first two coordinates; a histogram for one)."""
     gammas = _levels(levels)
     T = gammas.shape[0]
     steps = (
@@ -153,7 +180,10 @@ def forward_chain(
     g = torch.Generator().manual_seed(seed)
     x0 = torch.as_tensor(x0).detach().cpu().double()
     abar = torch.sigmoid(-gammas)
+    if x0.dim() < 1:
+        x0 = x0.reshape(1)
     image = x0.dim() == 3
+    flat = x0.reshape(1, -1)
     fig, axes = plt.subplots(1, len(steps) + 1, figsize=(1.4 * (len(steps) + 1), 1.8 if image else 1.6))
     draws = 1 if image else 500
     for ax, s in zip(axes, [0, *steps]):
@@ -163,8 +193,13 @@ def forward_chain(
         if image:
             ax.imshow(((x_t[0, 0] + 1) / 2).clamp(0, 1).numpy(), cmap="gray_r", vmin=0, vmax=1)
             ax.axis("off")
+        elif flat.shape[1] == 1:
+            ax.hist(x_t.reshape(draws, -1)[:, 0].numpy(), bins=40, range=(-3, 3), density=True)
+            ax.set_xticks([])
+            ax.set_yticks([])
         else:
-            ax.scatter(x_t[:, 0], x_t[:, 1], s=1, alpha=0.4)
+            points = x_t.reshape(draws, -1)
+            ax.scatter(points[:, 0], points[:, 1], s=1, alpha=0.4)
             ax.set_xlim(-3, 3)
             ax.set_ylim(-3, 3)
             ax.set_xticks([])

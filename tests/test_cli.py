@@ -1,13 +1,24 @@
-"""The `pyro-diffusion` command line: every subcommand, `compare --quick`'s output, errors."""
+"""The `pyro-diffusion` command line: every subcommand, `compare --quick`'s output, errors,
+flags generated from the configuration, every model kind from `train`, the documented
+learned-schedule command, and reloading a run in another process."""
 
+import dataclasses
 import json
 import math
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from pyro_diffusion.cli import build_parser, main
+from pyro_diffusion.experiments import schedule_study as ex
 from pyro_diffusion.experiments.compare import parse_table
+from pyro_diffusion.training import OBJECTIVES, Objective, TrainConfig, load_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = ["--num-steps", "20", "--hidden", "16", "--depth", "1", "--batch-size", "32", "--no-progress"]
 
@@ -127,8 +138,16 @@ def test_errors_are_reported_clearly(tmp_path, capsys):
     assert "not a run directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["train", "--out", str(tmp_path / "x"), "--objective", "bogus"])
-    with pytest.raises(SystemExit):
-        main(["train", "--out", str(tmp_path / "x"), "--steps", "0"])
+    # values are checked by the configuration: one line naming the field, exit status 2
+    assert main(["train", "--out", str(tmp_path / "x"), "--steps", "0"]) == 2
+    assert "steps: expected a positive integer, got 0" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x"), "--eval-every", "5"]) == 2
+    assert "--eval-every: checkpoint selection needs a validation split" in capsys.readouterr().err
+    assert main(["train", "--out", str(tmp_path / "x"), "--schedule", "linear", "--freeze-endpoints"]) == 2
+    assert "--freeze-endpoints: not an option of schedule 'linear'" in capsys.readouterr().err
+    assert main(["evaluate", "--run", str(tmp_path / "x"), "--num-steps", "-1"]) == 2
+    assert "--num-steps" in capsys.readouterr().err
+    assert not (tmp_path / "x" / "checkpoint.pt").exists()
 
 
 @pytest.mark.parametrize("command", ["train", "sample", "evaluate", "compare"])
@@ -163,5 +182,111 @@ def test_compare_runs_the_vdm_configurations_with_a_recipe(tmp_path, capsys):
     capsys.readouterr()
     refused = tmp_path / "refused"
     assert main(common[:-1] + [str(refused), "--vdm", "linear:3:1"]) == 2
-    assert "config" in capsys.readouterr().err
+    assert "--vdm: expected one of" in capsys.readouterr().err
     assert not (refused / "elbo").exists()  # refused before the core comparison trained anything
+
+
+def _subparser(command):
+    return build_parser()._subparsers._group_actions[0].choices[command]
+
+
+def test_train_flags_are_the_configuration_fields_with_registry_choices(monkeypatch):
+    train = _subparser("train")
+    by_dest = {a.dest: a for a in train._actions}
+    for field in dataclasses.fields(TrainConfig):
+        action = by_dest[field.name]  # one flag per field, nothing kept by hand
+        assert action.option_strings[0] == "--" + field.name.replace("_", "-")
+        assert action.default is None and action.help
+    assert set(by_dest) - {f.name for f in dataclasses.fields(TrainConfig)} == {
+        "help",
+        "out",
+        "resume",
+        "evaluate",
+    }
+    assert by_dest["schedule"].choices == sorted(
+        ["linear", "cosine", "log-snr", "gamma-linear", "gamma-cosine", "learned"]
+    )
+    assert set(by_dest["decoder"].choices) == {"plain", "network", "ddpm"}
+    assert set(by_dest["mean"].choices) >= {"eps", "x0", "v"}
+    # an entry another module adds to a registry becomes a choice
+    monkeypatch.setitem(OBJECTIVES, "mine", Objective(OBJECTIVES["elbo"].make_loss, description="my loss"))
+    assert "mine" in {a.dest: a for a in _subparser("train")._actions}["objective"].choices
+    compare = {a.dest for a in _subparser("compare")._actions}
+    assert "objective" not in compare and "seed" not in compare and {"objectives", "seeds", "ema"} <= compare
+
+
+def test_every_model_kind_trains_from_the_cli_and_reloads_in_another_process(tmp_path, capsys):
+    """A learned schedule in continuous time, the network decoder, v-prediction, an EMA and
+    validation selection, all as `train` flags; `evaluate` and `sample` read the run; the
+    stored configuration rebuilds the model in a fresh process with `load_model`."""
+    run = tmp_path / "learned"
+    flags = ["--data", "digits", "--schedule", "learned", "--gamma-min", "-2", "--gamma-max", "4"]
+    flags += [
+        "--schedule-hidden",
+        "8",
+        "--loss-steps",
+        "0",
+        "--times",
+        "low-discrepancy",
+        "--decoder",
+        "network",
+    ]
+    flags += ["--variance", "small", "--mean", "v", "--ema", "0.9", "--val-size", "40", "--eval-every", "3"]
+    flags += ["--val-times", "2", "--steps", "6", "--batch-size", "16", "--hidden", "16", "--depth", "1"]
+    assert main(["train", "--out", str(run), "--no-progress", *flags]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["selected"] == "best" and metrics["best_step"] in (3, 6)
+    assert [row[0] for row in metrics["val_history"]] == [3, 6]
+    assert (run / "schedule.png").stat().st_size > 1000
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--num-times", "3", "--no-progress"]) == 0
+    assert "continuous time, 3 draws per datum" in capsys.readouterr().out
+    evaluated = json.loads((run / "metrics.json").read_text())
+    assert evaluated["test_num_steps"] == 0 and math.isfinite(evaluated["test_bits_per_dim"])
+    assert main(["evaluate", "--run", str(run), "--num-steps", "20", "--no-progress"]) == 0
+    assert len(json.loads((run / "metrics.json").read_text())["test_profile_bits"]) == 21  # T + 1 terms
+    assert main(["sample", "--run", str(run), "--num", "4", "--num-steps", "10", "--no-progress"]) == 0
+    model = load_model(run)
+    assert model.mean == "v" and model.decoder == "network" and model.schedule.in_bias.numel() == 8
+    assert (model.schedule.gamma_min.item(), model.schedule.gamma_max.item()) != (-2.0, 4.0)  # learned
+    torch.manual_seed(0)
+    here = model.nll(torch.zeros(2, 1, 8, 8), num_steps=10).tolist()
+    code = (
+        "import torch; from pyro_diffusion.training import load_model; "
+        f"m = load_model({str(run)!r}); torch.manual_seed(0); "
+        "print(m.nll(torch.zeros(2, 1, 8, 8), num_steps=10).tolist())"
+    )
+    there = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert json.loads(there) == here
+
+
+def _documented_command(page: str) -> list[str]:
+    text = (ROOT / "docs" / page).read_text()
+    block = re.search(r"```\n(pyro-diffusion train --out runs/learned-shape .*?)\n```", text, re.S)
+    assert block, f"docs/{page}: no `pyro-diffusion train --out runs/learned-shape` block"
+    return block.group(1).replace("\\\n", " ").split("\n")[0].split()
+
+
+def test_the_documented_learned_schedule_command_is_the_studys_best_configuration():
+    recipe = {k: v for k, v in ex.RECIPES["regularized"].items() if k != "eval_times"}
+    expected = ex.study_config("learned-shape", **recipe).flags()
+    command = _documented_command("cli.md")
+    assert command[:4] == ["pyro-diffusion", "train", "--out", "runs/learned-shape"]
+    assert command[4:] == expected
+
+
+def test_train_with_the_study_flags_reproduces_the_studys_result(tmp_path, capsys):
+    """The study's configuration trained by `pyro-diffusion train` and measured by
+    `pyro-diffusion evaluate` gives the study's own test bound, to the last digit."""
+    settings = dict(steps=6, hidden=8, depth=1, val_size=40, eval_every=3, val_times=2, ema=0.9)
+    settings.update(weight_decay=1.0, decoder="network", tuned=(-2.0, 4.0))
+    result = ex.train_and_evaluate("learned-shape", eval_times=3, eval_steps=(), **settings)
+    flags = ex.study_config("learned-shape", **settings).flags()
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--no-progress", *flags]) == 0
+    assert main(["evaluate", "--run", str(run), "--num-times", "3", "--no-progress"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_step"] == result["best_step"]
+    assert metrics["val_history"] == [list(row) for row in result["val_history"]]
+    assert metrics["test_bits_per_dim"] == result["test_bpd_continuous"]
+    assert metrics["test_bits_per_dim_se"] == result["test_bpd_continuous_se"]

@@ -11,6 +11,9 @@ error); a second run with Adam checks the documented optimizer path too.
 
 from __future__ import annotations
 
+import datetime
+import json
+import math
 import os
 
 import pyro
@@ -118,24 +121,125 @@ def test_data_parallel_step_rejects_bad_arguments():
         data_parallel_step(None, None, torch.zeros(1, 2), reduction="average", world_size=1)
 
 
-@pytest.mark.skipif(not torch_dist.is_available(), reason="torch.distributed is not available")
-@pytest.mark.parametrize("loss", ["elbo", "hybrid"])
-def test_torchrun_entry_point_trains_in_a_world_of_one(tmp_path, monkeypatch, capsys, loss):
+def _free_port() -> int:
     import socket
-
-    from pyro_diffusion.distributed import main
 
     with socket.socket() as probe:  # a free port for the rendezvous
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        return probe.getsockname()[1]
+
+
+TINY_RUN = ["--data", "moons", "--num-steps", "10", "--hidden", "16", "--depth", "1", "--num-train", "400"]
+TINY_RUN += ["--num-test", "100", "--batch-size", "16", "--no-progress"]
+
+
+@pytest.mark.skipif(not torch_dist.is_available(), reason="torch.distributed is not available")
+@pytest.mark.parametrize("objective", ["elbo", "hybrid"])
+def test_torchrun_entry_point_trains_a_run_directory_in_a_world_of_one(
+    tmp_path, monkeypatch, capsys, objective
+):
+    from pyro_diffusion.cli import main as cli_main
+    from pyro_diffusion.distributed import main
+
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(port))
-    out = tmp_path / "ddp.pt"
-    args = ["--data", "moons", "--loss", loss, "--num-steps", "10", "--hidden", "16", "--batch-size", "32"]
-    assert main(args + ["--iterations", "3", "--out", str(out)]) == 0
-    assert "1 processes × batch 32, 3 steps" in capsys.readouterr().out
-    saved = torch.load(out, weights_only=True)
-    assert saved["config"]["variance"] == ("learned" if loss == "hybrid" else "large")
+    monkeypatch.setenv("MASTER_PORT", str(_free_port()))
+    out = tmp_path / "run"
+    assert main([*TINY_RUN, "--objective", objective, "--steps", "3", "--out", str(out)]) == 0
+    assert "trained 3 steps" in capsys.readouterr().out
+    assert not torch_dist.is_initialized()  # the entry point's process group is gone again
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["engine"]["world_size"] == 1 and checkpoint["config"]["objective"] == objective
+    assert cli_main(["evaluate", "--run", str(out), "--no-progress"]) == 0
     assert len(pyro.get_param_store()) == 0
+
+
+def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
+    """Process ``rank`` of two: the CLI's `train` into a run directory, then an uninterrupted
+    run and an interrupted-and-resumed one through ``training.fit``."""
+    from pyro_diffusion.cli import main
+    from pyro_diffusion.training import TrainConfig, fit
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=120),  # a failing process does not leave the other hanging
+    )
+    try:
+        run = os.path.join(out_dir, "cli")
+        assert main(["train", "--out", run, *TINY_RUN, "--steps", "6", "--checkpoint-every", "4"]) == 0
+        config = TrainConfig(
+            data="moons",
+            num_train=400,
+            num_test=100,
+            num_steps=10,
+            hidden=16,
+            depth=1,
+            batch_size=16,
+            steps=8,
+            checkpoint_every=3,
+            ema=0.9,
+            val_size=40,
+            eval_every=4,
+            val_times=2,
+            progress=False,
+        )
+        whole = fit(config, out=os.path.join(out_dir, "whole"))
+        fit(config, out=os.path.join(out_dir, "part"), stop_after=5)
+        torch.rand(100)  # unrelated use of the global RNG between the two parts
+        resumed = fit(config, out=os.path.join(out_dir, "part"), resume=True)
+        torch.save(
+            {
+                "whole": whole.engine.diffusion.state_dict(),
+                "resumed": resumed.engine.diffusion.state_dict(),
+                "history": resumed.engine.history,
+            },
+            os.path.join(out_dir, f"replica{rank}.pt"),
+        )
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not torch_dist.is_available(), reason="torch.distributed is not available")
+def test_a_ddp_run_is_a_run_directory_that_the_cli_evaluates_samples_and_resumes(tmp_path, capsys):
+    """Two gloo processes train through the engine; the directory they write is an ordinary
+    run: `evaluate` and `sample` read it, `load_model` rebuilds it, an interrupted DDP run
+    resumed equals an uninterrupted one, and resuming with another number of processes is
+    refused with a message naming world_size."""
+    from pyro_diffusion.cli import main
+    from pyro_diffusion.training import load_model
+
+    init_file = str(tmp_path / "rendezvous")
+    mp.start_processes(_ddp_worker, args=(init_file, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    run = tmp_path / "cli"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == WORLD and metrics["steps"] == 6 and len(metrics["loss_history"]) == 6
+    checkpoint = torch.load(run / "checkpoint.pt", weights_only=True)
+    assert checkpoint["engine"]["world_size"] == WORLD and len(checkpoint["engine"]["ranks"]) == WORLD
+    capsys.readouterr()
+    assert main(["evaluate", "--run", str(run), "--no-progress"]) == 0
+    assert "test bits/dim" in capsys.readouterr().out
+    assert math.isfinite(json.loads((run / "metrics.json").read_text())["test_bits_per_dim"])
+    assert main(["sample", "--run", str(run), "--num", "8", "--no-progress"]) == 0
+    samples = torch.load(run / "samples_seed0.pt", weights_only=True)
+    assert samples.shape == (8, 2) and torch.isfinite(samples).all()
+    assert load_model(run).num_steps == 10
+    # resuming needs the same number of processes
+    assert main(["train", "--out", str(run), "--steps", "8", "--resume", "--no-progress"]) == 2
+    assert "world_size: the checkpoint was written by 2 processes" in capsys.readouterr().err
+    # both replicas hold the same weights; interrupted + resumed equals uninterrupted
+    replicas = [torch.load(tmp_path / f"replica{r}.pt", weights_only=True) for r in range(WORLD)]
+    for key in ("whole", "resumed"):
+        for name, value in replicas[0][key].items():
+            assert torch.equal(value, replicas[1][key][name]), (key, name)
+    for name, value in replicas[0]["whole"].items():
+        assert torch.equal(value, replicas[0]["resumed"][name]), name
+    whole = torch.load(tmp_path / "whole" / "checkpoint.pt", weights_only=True)["engine"]
+    part = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["engine"]
+    assert whole["history"] == part["history"] == replicas[0]["history"]
+    assert whole["best"]["step"] == part["best"]["step"]
+    assert all(torch.equal(v, part["ema"][k]) for k, v in whole["ema"].items())

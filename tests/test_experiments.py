@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch import nn
 
-from pyro_diffusion import Diffusion, DiffusionELBO, LearnedGamma, LinearGamma, MLPDenoiser, SimplifiedLoss
+from pyro_diffusion import (
+    Diffusion,
+    DiffusionELBO,
+    LearnedGamma,
+    LinearGamma,
+    MLPDenoiser,
+    NoiseSchedule,
+    SimplifiedLoss,
+    engine,
+)
+from pyro_diffusion.engine import Engine
 from pyro_diffusion.experiments import schedule_study as ex
 from pyro_diffusion.training import elbo_module
 
@@ -64,9 +74,10 @@ def test_experiment_builds_its_configurations_with_the_core_api():
     assert ex.library_num_steps(None) == 0 and ex.library_num_steps(16) == 17
     with pytest.raises(ValueError, match="decoder"):
         ex.build("tuned", (1, 8, 8), 17, decoder="denoiser")
+    assert isinstance(trainer, Engine) and trainer.clip_value == 10.0 and trainer.sampling == "replacement"
     before = diffusion.denoiser.input.weight.detach().clone()
-    value = trainer.step(torch.zeros(4, 1, 8, 8))
-    assert isinstance(value, float) and math.isfinite(value)  # the summed loss, as SVI.step returns
+    value = trainer.step(torch.zeros(4, 1, 8, 8))  # one optimizer step of the engine
+    assert value.dim() == 0 and math.isfinite(value.item())  # the summed loss, detached
     assert not torch.equal(before, diffusion.denoiser.input.weight)
 
 
@@ -119,9 +130,9 @@ def test_experiment_validation_ema_weight_decay_and_paired_comparison():
 
 def test_experiment_optimizer_settings_reach_the_right_parameters():
     settings = ex.optim_args(2e-3, 1e-2, 1e-4)
-    assert settings("schedule.gamma_min") == {"lr": 1e-2, "clip_norm": 10.0, "weight_decay": 0.0}
+    assert settings("schedule.gamma_min") == {"lr": 1e-2, "weight_decay": 0.0}
     assert settings("denoiser.input.weight")["weight_decay"] == 1e-4
-    assert settings("decoder_log_scale") == {"lr": 2e-3, "clip_norm": 10.0, "weight_decay": 0.0}
+    assert settings("decoder_log_scale") == {"lr": 2e-3, "weight_decay": 0.0}
     assert ex.optim_args(2e-3)("schedule.gamma_min")["lr"] == 2e-3  # default: one learning rate
     diffusion = ex.make_diffusion("learned", (1, 8, 8), 17, hidden=8, depth=1, decoder="network")
     groups = ex.param_groups(diffusion, settings)
@@ -189,7 +200,7 @@ def test_learned_shape_config_freezes_the_endpoints_and_trains_the_shape():
     frozen = ex.optim_args(2e-3, None, 1.0, freeze_endpoints=True)
     assert frozen("schedule.gamma_min")["lr"] == 0.0 and frozen("schedule.gamma_max")["lr"] == 0.0
     assert frozen("schedule.raw_out_weight")["lr"] == 2e-3
-    assert frozen("denoiser.input.weight") == {"lr": 2e-3, "clip_norm": 10.0, "weight_decay": 1.0}
+    assert frozen("denoiser.input.weight") == {"lr": 2e-3, "weight_decay": 1.0}
     run = dict(steps=5, hidden=8, depth=1, eval_times=2, eval_steps=(), tuned=(-3.0, 4.0))
     result = ex.train_and_evaluate("learned-shape", **run)
     assert (result["gamma_min"], result["gamma_max"]) == pytest.approx((-3.0, 4.0), abs=1e-9)
@@ -248,16 +259,16 @@ def test_experiment_trains_and_selects_on_a_discrete_bound(monkeypatch):
     _, built, _ = ex.build("linear:-2:4", (64,), 17, hidden=8, depth=1, train_num_steps=8)
     assert isinstance(built, DiffusionELBO) and built.num_steps == 9
     validated = []
-    original = ex._validation_bpd
+    original = engine.validation_bound
 
-    def recording(diffusion, val, num_times, num_steps=None):
+    def recording(diffusion, val, *, num_steps, num_times, **kwargs):
         validated.append(num_steps)
-        return original(diffusion, val, num_times, num_steps)
+        return original(diffusion, val, num_steps=num_steps, num_times=num_times, **kwargs)
 
-    monkeypatch.setattr(ex, "_validation_bpd", recording)
+    monkeypatch.setattr(engine, "validation_bound", recording)  # the engine's validation
     run = dict(steps=4, hidden=8, depth=1, eval_times=3, val_size=40, eval_every=2, val_times=2)
     result = ex.train_and_evaluate("learned-shape", train_num_steps=4, eval_steps=(4, 16), **run)
-    assert validated == [4, 4] and result["train_num_steps"] == 4
+    assert validated == [5, 5] and result["train_num_steps"] == 4  # T = 4 intervals: 5 levels
     for T in (4, 16):
         per_image = torch.tensor(result[f"test_per_image_bpd_T{T}"], dtype=torch.float64)
         assert per_image.shape == (297,) and len(result[f"test_per_image_se_T{T}"]) == 297
@@ -273,7 +284,7 @@ def test_experiment_trains_and_selects_on_a_discrete_bound(monkeypatch):
         ex.paired_comparison([result], dataset, mixture=mixture, num_steps=64)
     validated.clear()
     continuous = ex.train_and_evaluate("learned-shape", eval_steps=(), **run)
-    assert validated == [None, None] and "train_num_steps" not in continuous
+    assert validated == [0, 0] and "train_num_steps" not in continuous
 
 
 def test_paired_over_seeds_gives_both_standard_errors():
@@ -306,3 +317,43 @@ def test_paired_over_seeds_gives_both_standard_errors():
         ex.paired_over_seeds(first, second)  # no T = ∞ values in these results
     with pytest.raises(ValueError, match="no seed in common"):
         ex.paired_over_seeds(first[3:], second, num_steps=16)
+
+
+def test_every_configuration_is_a_training_configuration_of_the_cli():
+    """Each study configuration is a TrainConfig whose model is the one the study describes."""
+    for name in ex.CONFIGS + ("linear:-1:3",):
+        config = ex.study_config(name, tuned=(-3.0, 4.0))
+        assert config.variance == "small" and config.clip_value == 10.0 and config.sampling == "replacement"
+        assert config.loss_steps == (17 if name == "learned-T16" else 0) and config.times == "low-discrepancy"
+        model = ex.make_diffusion(name, (1, 8, 8), 17, hidden=8, depth=1, tuned=(-3.0, 4.0))
+        if name.startswith("learned"):
+            assert isinstance(model.schedule, LearnedGamma) and model.schedule.in_bias.numel() == 256
+            assert config.freeze_endpoints == (name in ("learned-shape", "learned-heldout"))
+        assert (model.anchor == -3.0) == (name in ("learned-anchored", "learned-heldout"))
+    cosine = ex.make_schedule("cosine")
+    assert isinstance(cosine, NoiseSchedule)
+    assert cosine.betas.max().item() == pytest.approx(0.999)  # Improved DDPM's clipping
+    assert ex.make_schedule("vdm-linear").endpoints()[0].item() == pytest.approx(-13.3)
+
+
+def test_the_weight_average_is_the_engines_and_ramps_its_decay():
+    """The study's average is ``torch.optim.swa_utils.AveragedModel``: the first update
+    copies, the n-th after it moves by 1 − min(decay, n / (n + 9))."""
+    module = torch.nn.Linear(2, 1)
+    average = ex._WeightAverage(module, 0.5)
+    start = module.weight.detach().clone()
+    assert torch.equal(average.shadow["weight"], start)
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    average.update()  # n = 1: decay min(0.5, 1/10) = 0.1, so 90 % of the way
+    assert torch.allclose(average.shadow["weight"], start + 0.9)
+    for _ in range(30):
+        average.update()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    before = average.shadow["weight"].clone()
+    average.update()  # the decay has reached its cap 0.5
+    assert torch.allclose(average.shadow["weight"], before + 0.5 * (module.weight - before))
+    target = torch.nn.Linear(2, 1)
+    average.copy_to(target)
+    assert torch.equal(target.weight, average.shadow["weight"])

@@ -1,15 +1,21 @@
-"""Training with SVI on 2-D data: the bound against the true entropy, sample quality, and a plain
-PyTorch loop over the ELBOModule."""
+"""Training with SVI on 2-D data: the bound against the true entropy, sample quality, a plain
+PyTorch loop over the ELBOModule; and the package's one training engine, which every trainer
+of the package goes through."""
 
+import ast
 import copy
 import math
+import re
+from pathlib import Path
 
 import pyro
 import pytest
 import torch
+import torch.distributed as torch_dist
 from pyro.infer import SVI
 from pyro.optim import ClippedAdam
 
+import pyro_diffusion
 from _helpers import energy_distance
 from pyro_diffusion import DiffusionELBO, GaussianDiffusion, MLPDenoiser, NoiseSchedule
 from pyro_diffusion.data import GaussianMixture2D
@@ -125,3 +131,101 @@ def test_plain_pytorch_loop_over_the_elbo_module_trains_as_well_as_svi():
     se = difference.std() / math.sqrt(difference.numel())
     print(f"held-out bound: SVI {a.mean():.4f}, plain loop {b.mean():.4f}, paired SE {se:.2e}")
     assert abs(difference.mean()) < 4 * se + 1e-6, (a.mean(), b.mean(), se)
+
+
+# ---------------------------------------------------------------------------- one engine
+PACKAGE = Path(pyro_diffusion.__file__).parent
+#: optimizer steps in the package that do not train a diffusion
+NOT_DIFFUSION_TRAINING = {
+    "metrics.py": "fits the small digits classifier of the sample-quality metric",
+    "inference/svi.py": "fits a variational posterior over x_0 given an observation",
+}
+
+
+def _step_calls() -> list[tuple[str, str]]:
+    """Every ``<optimizer or svi>.step(...)`` call in the package's code (not its docstrings)."""
+    calls = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "step"
+            ):
+                owner = ast.unparse(node.func.value)
+                if re.search(r"optim|svi", owner, re.IGNORECASE):
+                    calls.append((path.relative_to(PACKAGE).as_posix(), f"{owner}.step()"))
+    return calls
+
+
+def test_grep_finds_one_training_loop():
+    """One place in the package takes an optimizer step of a diffusion: the engine's
+    ``optimizer_step``, which ``Engine.run`` (the loop) calls through ``Engine.step``."""
+    training = [call for call in _step_calls() if call[0] not in NOT_DIFFUSION_TRAINING]
+    assert training == [("engine.py", "optimizer.step()")], training
+    assert {call[0] for call in _step_calls()} - {"engine.py"} <= set(NOT_DIFFUSION_TRAINING)
+    source = (PACKAGE / "engine.py").read_text()
+    assert source.count("while self.step_count < target") == 1  # the loop
+    for path in PACKAGE.rglob("*.py"):  # nobody else builds an SVI or a ClippedAdam to train
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call):
+                name = ast.unparse(node.func).split(".")[-1]
+                if name in ("SVI", "ClippedAdam"):
+                    assert path.relative_to(PACKAGE).as_posix() in NOT_DIFFUSION_TRAINING, path
+
+
+def test_every_trainer_goes_through_the_engine(tmp_path, monkeypatch):
+    """training.train, the schedule study (with its held-out endpoint hook), compare, the
+    pretrained models and data-parallel training all run ``Engine.run`` and step through the
+    engine's ``optimizer_step``."""
+    from pyro_diffusion import engine
+    from pyro_diffusion.distributed import data_parallel_module, data_parallel_step
+    from pyro_diffusion.experiments import schedule_study as ex
+    from pyro_diffusion.experiments.compare import run_comparison
+    from pyro_diffusion.inference import pretrained
+    from pyro_diffusion.training import TrainConfig, train
+
+    counts = {"run": 0, "step": 0}
+    run, step = engine.Engine.run, engine.optimizer_step
+
+    def counting_run(self, *args, **kwargs):
+        counts["run"] += 1
+        return run(self, *args, **kwargs)
+
+    def counting_step(*args, **kwargs):
+        counts["step"] += 1
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine.Engine, "run", counting_run)
+    monkeypatch.setattr(engine, "optimizer_step", counting_step)
+
+    def took(runs, steps):
+        assert (counts["run"], counts["step"]) == (runs, steps), counts
+        counts.update(run=0, step=0)
+
+    config = TrainConfig(steps=3, num_steps=10, hidden=8, depth=1, num_train=100, num_test=20, progress=False)
+    train(config, tmp_path / "train", figures=False)
+    took(1, 3)
+    ex.train_and_evaluate(
+        "learned-heldout", steps=2, hidden=8, depth=1, val_size=20, eval_times=2, eval_steps=()
+    )
+    took(1, 4)  # two training steps and two held-out endpoint steps
+    run_comparison(
+        config, tmp_path / "compare", objectives=["elbo"], seeds=[0], baselines=False, log=lambda _: None
+    )
+    took(1, 3)
+    pretrained.train(pretrained.make_diffusion("gmm", 10), torch.randn(50, 2), num_steps=2, batch_size=8)
+    took(1, 2)
+    torch_dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        diffusion = new_diffusion(hidden=8, depth=1)
+        module = data_parallel_module(diffusion)
+        data_parallel_step(module, torch.optim.SGD(module.parameters(), lr=1e-3), torch.randn(4, 2))
+        took(0, 1)
+        train(config, tmp_path / "ddp", figures=False)  # under torch.distributed: DDP, same engine
+        took(1, 3)
+    finally:
+        torch_dist.destroy_process_group()
+    assert torch.load(tmp_path / "ddp" / "checkpoint.pt", weights_only=True)["engine"]["world_size"] == 1

@@ -3,7 +3,8 @@ r"""The comparison experiment: one network, schedule and budget, several objecti
 For each objective in ``objectives`` (entries of :data:`~pyro_diffusion.training.OBJECTIVES`:
 the full ELBO with uniform or importance-sampled t, L_simple, the hybrid with learned
 variances) and each seed, :func:`run_comparison` trains a run (``out/<objective>/seed<s>``,
-a normal run directory of :func:`~pyro_diffusion.training.train`, resumable), then measures
+a normal run directory of :func:`~pyro_diffusion.training.fit`, the package's training engine,
+resumable), then measures
 
 * the test NLL bound in bits/dim from all T + 1 terms
   (:func:`~pyro_diffusion.training.bound_bits_per_dim`);
@@ -31,18 +32,20 @@ import numpy as np
 import torch
 
 from .. import plots
+from .. import runs as run_files
 from ..training import (
     CHECKPOINT,
-    METRICS,
+    CONFIG,
     OBJECTIVES,
     TrainConfig,
     bound_bits_per_dim,
     build_diffusion,
-    load_checkpoint,
+    fit,
     load_run_data,
     read_json,
-    train,
+    read_metrics,
     write_json,
+    write_metrics,
 )
 
 __all__ = ["QUICK", "run_comparison", "format_table", "parse_table"]
@@ -120,9 +123,13 @@ def run_comparison(
         )
     if not seeds:
         raise ValueError("seeds: expected at least one seed")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_files.check_out(out, argument="--out")
     base.validate()
+    with run_files.RunLock(out, argument="--out"):  # one comparison writes ``out`` at a time
+        return _run_comparison(base, out, objectives, seeds, num_samples, baselines, mixture_components, log)
+
+
+def _run_comparison(base, out, objectives, seeds, num_samples, baselines, mixture_components, log) -> dict:
     dataset = load_run_data(base)
     num_samples = num_samples or min(len(dataset.test), 1000)
     classifier = None
@@ -133,11 +140,12 @@ def run_comparison(
         cached = out / "classifier.pt"
         if cached.exists():  # the same deterministic fit; saves its training time on re-runs
             classifier = DigitsClassifier()
-            classifier.load_state_dict(torch.load(cached, weights_only=True))
+            state = run_files.torch_load(cached, argument="--out", what="classifier cache")
+            run_files.load_module_state(classifier, state, path=cached, argument="--out")
             classifier.eval()
         else:
             classifier = DigitsClassifier.fit(dataset.train, dataset.labels_train, seed=0)
-            torch.save(classifier.state_dict(), cached)
+            run_files.atomic_save(classifier.state_dict(), cached)
         results["classifier_test_accuracy"] = classifier.accuracy(dataset.test, dataset.labels_test)
     if baselines and dataset.num_levels is not None:
         from ..baselines import baseline_bits_per_dim
@@ -150,33 +158,32 @@ def run_comparison(
         for seed in seeds:
             config = dataclasses.replace(base, objective=objective, seed=seed)
             run_dir = out / objective / f"seed{seed}"
-            metrics = read_json(run_dir / METRICS)
+            metrics = read_metrics(run_dir)
             done = metrics.get("finished") and "test_bits_per_dim" in metrics
             if done:
-                saved = read_json(run_dir / "config.json")
+                saved = read_json(run_dir / CONFIG)
                 done = saved.get("steps") == config.steps
             if not done:
                 log(f"[compare] training {objective} seed {seed} for {config.steps} steps → {run_dir}")
-                train(config, run_dir, resume=(run_dir / CHECKPOINT).exists(), dataset=dataset, figures=False)
-                checkpoint = load_checkpoint(run_dir / CHECKPOINT)
-                diffusion = build_diffusion(config, dataset)
-                diffusion.load_state_dict(checkpoint["model"])
-                diffusion.eval()
-                started = time.perf_counter()
-                bound = bound_bits_per_dim(diffusion, dataset.test.to(config.device), seed=seed)
-                quality, samples = _sample_quality(diffusion, dataset, num_samples, seed, classifier)
-                metrics = read_json(run_dir / METRICS)
-                metrics.update(
-                    {
-                        "test_bits_per_dim": bound["bits_per_dim"],
-                        "test_bits_per_dim_se": bound["bits_per_dim_se"],
-                        "test_profile_bits": bound["profile_bits"],
-                        "quality": quality,
-                        "eval_seconds": time.perf_counter() - started,
-                    }
-                )
-                write_json(metrics, run_dir / METRICS)
-                torch.save(samples[:64], run_dir / "samples.pt")
+                with run_files.RunLock(run_dir, argument="--out"):  # training and its test metrics
+                    fitted = fit(config, dataset=dataset, out=run_dir, resume=(run_dir / CHECKPOINT).exists())
+                    diffusion = fitted.diffusion  # the run's selected weights, in eval mode
+                    started = time.perf_counter()
+                    bound = bound_bits_per_dim(diffusion, dataset.test.to(config.device), seed=seed)
+                    quality, samples = _sample_quality(diffusion, dataset, num_samples, seed, classifier)
+                    metrics = read_metrics(run_dir)
+                    metrics.update(
+                        {
+                            "test_bits_per_dim": bound["bits_per_dim"],
+                            "test_bits_per_dim_se": bound["bits_per_dim_se"],
+                            "test_profile_bits": bound["profile_bits"],
+                            "quality": quality,
+                            "eval_seconds": time.perf_counter() - started,
+                            "checkpoint_step": fitted.engine.step_count,
+                        }
+                    )
+                    write_metrics(metrics, run_dir)
+                    run_files.atomic_save(samples[:64], run_dir / "samples.pt")
             log(
                 f"[compare] {objective} seed {seed}: test {metrics['test_bits_per_dim']:.4f} bits/dim, "
                 f"{metrics['train_seconds']:.0f} s"
@@ -184,8 +191,8 @@ def run_comparison(
             runs.append(metrics)
         histories[objective] = runs[0]["loss_history"]
         profiles[objective] = np.mean([r["test_profile_bits"] for r in runs], 0).tolist()
-        first_samples[objective] = torch.load(
-            out / objective / f"seed{seeds[0]}" / "samples.pt", weights_only=True
+        first_samples[objective] = run_files.torch_load(
+            out / objective / f"seed{seeds[0]}" / "samples.pt", argument="--out", what="samples file"
         )
         summary = {
             "test_bits_per_dim": _mean_sd([r["test_bits_per_dim"] for r in runs]),
@@ -219,7 +226,7 @@ def run_comparison(
     table = format_table(results, image=dataset.is_image)
     results["table"] = table
     write_json(results, out / "results.json")
-    (out / "results.md").write_text(_markdown(results, table))
+    run_files.write_bytes(_markdown(results, table).encode(), out / "results.md")
     log(table)
     return results
 

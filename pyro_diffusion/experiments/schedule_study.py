@@ -13,9 +13,13 @@ dicts (over configurations and seeds).  ``examples/learned_schedule_digits.py`` 
 decoder=decoder, anchor=...)`` (ε-prediction, the posterior variance; ``decoder`` ``"plain"``,
 VDM's z/α, or ``"network"``, the network's x̂ with a learned scale).  **Training**: the
 continuous-time bound ``DiffusionELBO(num_steps=0, times="low-discrepancy")`` (with VDM's
-variance gradient for a learned shape), through Pyro's ``ELBOModule`` and
-:class:`pyro.optim.clipped_adam.ClippedAdam` (a torch optimizer: per-element gradient clipping
-at 10, per-parameter learning rates and weight decay, :func:`optim_args`).
+variance gradient for a learned shape), in the package's training engine
+(:class:`~pyro_diffusion.engine.Engine`: Pyro's ``ELBOModule`` and ``torch.optim.Adam`` with
+per-parameter learning rates and weight decay, :func:`optim_args`; gradients clipped per
+element at 10; the moving average of the weights and the validation selection of the
+checkpoint).  Every configuration but ``learned-heldout`` is a
+:class:`~pyro_diffusion.training.TrainConfig` (:func:`study_config`), so ``pyro-diffusion
+train`` with its flags trains exactly the model this module trains.
 
 **Counting steps.**  The study counts a discrete bound as VDM does, by its T *intervals*
 between T + 1 noise levels at times 0, 1/T, …, 1; the library counts noise levels.  So the
@@ -65,16 +69,26 @@ from typing import NamedTuple
 import numpy as np
 import pyro
 import torch
-from pyro.optim.clipped_adam import ClippedAdam
-from tqdm.auto import tqdm
 
+from .. import engine as engine_module
+from .. import runs as run_files
 from ..bound import bound, continuous_terms, decoder_term, prior_term, vlb_terms
 from ..data import load_dataset
 from ..diffusion import Diffusion
-from ..losses import DiffusionELBO, SimplifiedLoss
-from ..nets import MLPDenoiser
-from ..schedules import LearnedGamma, LinearGamma, NoiseSchedule
-from ..training import elbo_module
+from ..engine import Engine, elbo_module, ema_model, validation_bound
+from ..training import (
+    DataShape,
+    TrainConfig,
+    build_diffusion,
+    build_engine,
+    build_schedule,
+    continuous_bound,
+    load_run_data,
+    param_groups,
+    parameter_settings,
+    split_validation,
+)
+from ..training import make_loss as training_loss
 
 __all__ = [
     "CONFIGS",
@@ -82,7 +96,7 @@ __all__ = [
     "RECIPES",
     "DECODERS",
     "BoundTerms",
-    "Trainer",
+    "study_config",
     "check_config",
     "library_num_steps",
     "make_schedule",
@@ -91,6 +105,7 @@ __all__ = [
     "bound_terms",
     "build",
     "train_and_evaluate",
+    "train_and_evaluate_model",
     "results_table",
     "plot_results",
     "summarize",
@@ -179,22 +194,123 @@ def library_num_steps(num_steps: int | None) -> int:
     return _check_intervals(num_steps, "num_steps") + 1
 
 
-def make_schedule(config: str, tuned: tuple[float, float] = (-4.0, 2.0)):
-    """The γ-schedule of configuration ``config`` (a fresh module)."""
+def _schedule_fields(config: str, tuned: tuple[float, float]) -> dict:
+    """The :class:`~pyro_diffusion.training.TrainConfig` fields of configuration ``config``'s
+    schedule."""
+    check_config(config)
+    low, high = (float(v) for v in tuned)
     if config.startswith("learned"):
-        check_config(config)
-        return LearnedGamma(gamma_min=tuned[0], gamma_max=tuned[1], hidden=256)
+        return {
+            "schedule": "learned",
+            "gamma_min": low,
+            "gamma_max": high,
+            "schedule_hidden": 256,
+            "freeze_endpoints": config in _FROZEN_ENDPOINTS,
+        }
     if config == "ddpm-linear":
-        return NoiseSchedule.linear(1000)
+        return {"schedule": "linear"}
     if config == "cosine":
-        return NoiseSchedule.cosine(1000, max_beta=0.999)  # Improved DDPM's clipping
+        return {"schedule": "cosine", "max_beta": 0.999}  # Improved DDPM's clipping
     if config == "vdm-linear":
-        return LinearGamma(-13.3, 5.0)
+        return {"schedule": "gamma-linear", "gamma_min": -13.3, "gamma_max": 5.0}
     if config in ("tuned", "simple"):
-        return LinearGamma(*tuned)
-    if _is_linear(config):
-        return LinearGamma(*_linear_endpoints(config))
-    raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
+        return {"schedule": "gamma-linear", "gamma_min": low, "gamma_max": high}
+    low, high = _linear_endpoints(config)
+    return {"schedule": "gamma-linear", "gamma_min": low, "gamma_max": high}
+
+
+#: configurations whose network sees γ − γ_min + (the initial γ_min), and whose endpoints
+#: the main optimizer leaves alone (``learned-heldout`` trains them separately)
+_ANCHORED = ("learned-anchored", "learned-heldout")
+_FROZEN_ENDPOINTS = ("learned-shape", "learned-heldout")
+
+
+def _check_decoder(decoder: str) -> str:
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
+    return decoder
+
+
+def study_config(
+    config: str,
+    *,
+    data: str = "digits",
+    seed: int = 0,
+    steps: int = 2500,
+    batch: int = 128,
+    hidden: int = 128,
+    depth: int = 2,
+    lr: float = 2e-3,
+    schedule_lr: float | None = None,
+    tuned: tuple[float, float] = (-4.0, 2.0),
+    decoder: str = "plain",
+    val_size: int = 0,
+    eval_every: int = 0,
+    val_times: int = 16,
+    ema: float = 0.0,
+    weight_decay: float = 0.0,
+    train_num_steps: int | None = None,
+    progress: bool = False,
+    log_every: int = 0,
+) -> TrainConfig:
+    """Configuration ``config`` of the study as a :class:`~pyro_diffusion.training.TrainConfig`,
+    so that ``pyro-diffusion train`` with its :meth:`~pyro_diffusion.training.TrainConfig.flags`
+    trains exactly the model :func:`train_and_evaluate` trains (all but ``learned-heldout``,
+    whose endpoint steps on the held-out images are a hook of the study).
+
+    Every configuration: an MLP of ``hidden`` × ``depth`` on the flattened data, ε-prediction,
+    the posterior variance, ``decoder`` (``"plain"`` or ``"network"``), the schedule of
+    :func:`make_schedule`; the loss of :func:`make_loss` (the continuous-time bound with
+    low-discrepancy times unless ``train_num_steps``); Adam at ``lr`` (``schedule_lr`` for the
+    schedule), gradients clipped per element at 10, ``weight_decay`` on the network, minibatch
+    rows drawn with replacement."""
+    check_config(config)
+    _check_decoder(decoder)
+    if train_num_steps is not None:
+        _check_intervals(train_num_steps, "train_num_steps")
+        if config in ("simple", "learned-T16"):
+            raise ValueError(
+                f"train_num_steps: {config!r} has its own training loss; give None, got {train_num_steps!r}"
+            )
+    intervals = 16 if config == "learned-T16" else train_num_steps
+    return TrainConfig(
+        data=data,
+        objective="simple" if config == "simple" else "elbo",
+        loss_steps=library_num_steps(intervals),
+        times="low-discrepancy",
+        num_steps=1000,
+        **_schedule_fields(config, tuned),
+        network="mlp",
+        hidden=hidden,
+        depth=depth,
+        mean="eps",
+        variance="small",
+        decoder=decoder,
+        anchor=float(tuned[0]) if config in _ANCHORED else None,
+        steps=steps,
+        batch_size=batch,
+        lr=lr,
+        schedule_lr=schedule_lr,
+        weight_decay=float(weight_decay),
+        clip_value=10.0,
+        ema=float(ema),
+        sampling="replacement",
+        seed=seed,
+        val_size=val_size,
+        eval_every=eval_every,
+        val_times=val_times,
+        progress=progress,
+        log_every=log_every,
+    )
+
+
+def make_schedule(config: str, tuned: tuple[float, float] = (-4.0, 2.0)):
+    """The γ-schedule of configuration ``config`` (a fresh module): ``learned*``
+    :class:`~pyro_diffusion.schedules.LearnedGamma` on ``tuned`` (256 units), ``ddpm-linear``
+    and ``cosine`` the DDPM tables of 1,000 levels (cosine clipped at β ≤ 0.999),
+    ``vdm-linear`` γ linear on [−13.3, 5], ``tuned``/``simple`` linear on ``tuned``,
+    ``linear:GMIN:GMAX`` linear on [GMIN, GMAX]."""
+    return build_schedule(study_config(config, tuned=tuned))
 
 
 def make_loss(config: str, train_num_steps: int | None = None):
@@ -204,51 +320,29 @@ def make_loss(config: str, train_num_steps: int | None = None):
     gradient trains a learned shape on the bound itself, since for finite T the bound depends
     on it); ``simple``: ``SimplifiedLoss(num_steps=0, times="low-discrepancy")``;
     ``learned-T16``: the T = 16 bound."""
-    check_config(config)
-    if train_num_steps is not None:
-        _check_intervals(train_num_steps, "train_num_steps")
-        if config in ("simple", "learned-T16"):
-            raise ValueError(
-                f"train_num_steps: {config!r} has its own training loss; give None, got {train_num_steps!r}"
-            )
-        return DiffusionELBO(num_steps=library_num_steps(train_num_steps), times="low-discrepancy")
-    if config == "simple":
-        return SimplifiedLoss(num_steps=0, times="low-discrepancy")
-    if config == "learned-T16":
-        return DiffusionELBO(num_steps=library_num_steps(16), times="low-discrepancy")
-    return DiffusionELBO(num_steps=0, times="low-discrepancy")
-
-
-def split_validation(train: torch.Tensor, val_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(training part, validation part) of ``train``: ``val_size`` images drawn by a fixed
-    permutation (``seed``, the same for every configuration and training seed) are held out."""
-    if isinstance(val_size, bool) or not isinstance(val_size, int) or not 0 <= val_size < train.shape[0]:
-        raise ValueError(f"val_size: expected an integer in [0, {train.shape[0]}), got {val_size!r}")
-    order = torch.randperm(train.shape[0], generator=torch.Generator().manual_seed(seed))
-    return train[order[val_size:]], train[order[:val_size]]
+    return training_loss(study_config(config, train_num_steps=train_num_steps))
 
 
 class _WeightAverage:
-    """An exponential moving average of a module's parameters (decay ramped up as
-    min(decay, (1 + n)/(10 + n)) after n updates); :meth:`copy_to` puts it in place."""
+    """The engine's moving average of the weights (:func:`~pyro_diffusion.engine.ema_model`)
+    outside the engine, for diagnostics that step a model themselves: the average starts at
+    the module's weights, :meth:`update` takes one step, :meth:`copy_to` puts it in place,
+    :attr:`shadow` maps names to the averaged parameters."""
 
     def __init__(self, module: torch.nn.Module, decay: float) -> None:
-        if not 0 < decay < 1:
-            raise ValueError(f"ema: expected a decay in (0, 1), got {decay!r}")
-        self.module, self.decay, self.updates = module, decay, 0
-        self.shadow = {n: p.detach().clone() for n, p in module.named_parameters()}
+        self.module = module
+        self.average = ema_model(module, decay)
+        self.average.update_parameters(module)
 
-    @torch.no_grad()
     def update(self) -> None:
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        self.updates += 1
-        for name, param in self.module.named_parameters():
-            self.shadow[name].lerp_(param.detach(), 1 - decay)
+        self.average.update_parameters(self.module)
 
-    @torch.no_grad()
+    @property
+    def shadow(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach() for n, p in self.average.module.named_parameters()}
+
     def copy_to(self, module: torch.nn.Module) -> None:
-        for name, param in module.named_parameters():
-            param.copy_(self.shadow[name])
+        _restore(module, self.shadow)
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -264,13 +358,10 @@ def _restore(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
 def _validation_bpd(
     diffusion: Diffusion, val: torch.Tensor, num_times: int, num_steps: int | None = None
 ) -> float:
-    """The continuous-time bound (or the ``num_steps``-interval one) on ``val`` with the same
-    (t, ε) draws at every call (common random numbers, so that checkpoints are compared on
-    equal terms)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(2024)
-        levels = library_num_steps(num_steps)
-        return bound(diffusion, val, num_steps=levels, num_times=num_times).dataset_mean()[0]
+    """The validation bound of the study: the continuous-time bound (or the
+    ``num_steps``-interval one) on ``val`` with the same (t, ε) draws at every call
+    (:func:`~pyro_diffusion.engine.validation_bound`)."""
+    return validation_bound(diffusion, val, num_steps=library_num_steps(num_steps), num_times=num_times)
 
 
 class BoundTerms(NamedTuple):
@@ -303,71 +394,8 @@ def bound_terms(diffusion: Diffusion, x0: torch.Tensor, times: torch.Tensor) -> 
     )
 
 
-def optim_args(
-    lr: float, schedule_lr: float | None = None, weight_decay: float = 0.0, freeze_endpoints: bool = False
-):
-    """Per-parameter :class:`~pyro.optim.clipped_adam.ClippedAdam` settings, a function of the
-    parameter's name as ``diffusion.named_parameters()`` gives it (``schedule.gamma_min``,
-    ``denoiser.input.weight``, ``decoder_log_scale``): learning rate ``schedule_lr``
-    (``None``: ``lr``) for the schedule, ``lr`` for the rest, L2 ``weight_decay`` on the
-    network only, gradient clip 10 (per element); ``freeze_endpoints``: learning rate 0 for the
-    schedule's ``gamma_min`` and ``gamma_max``."""
-
-    def per_param(name: str) -> dict:
-        parts = name.split(".")
-        schedule = parts[0] == "schedule"
-        decay = weight_decay if parts[0] == "denoiser" else 0.0
-        rate = schedule_lr if schedule and schedule_lr is not None else lr
-        if freeze_endpoints and schedule and parts[-1] in ("gamma_min", "gamma_max"):
-            rate = 0.0
-        return {"lr": rate, "clip_norm": 10.0, "weight_decay": decay}
-
-    return per_param
-
-
-def param_groups(diffusion: Diffusion, settings) -> list[dict]:
-    """The torch optimizer's parameter groups: the trainable parameters of ``diffusion``, one
-    group per distinct setting of ``settings`` (:func:`optim_args`), in the order of
-    ``named_parameters()``."""
-    groups: dict[tuple, dict] = {}
-    for name, param in diffusion.named_parameters():
-        if not param.requires_grad:
-            continue
-        args = settings(name)
-        group = groups.setdefault(tuple(sorted(args.items())), {"params": [], **args})
-        group["params"].append(param)
-    return list(groups.values())
-
-
-class Trainer:
-    """One optimizer step at a time on the loss of a diffusion: Pyro's ``ELBOModule``
-    (:func:`~pyro_diffusion.training.elbo_module`) and a torch optimizer over its parameters.
-    :meth:`step` returns the loss (a sum over the batch) as a float, as ``SVI.step`` does."""
-
-    def __init__(self, diffusion: Diffusion, loss, optimizer: torch.optim.Optimizer) -> None:
-        self.diffusion = diffusion
-        self.loss = loss
-        self.module = elbo_module(diffusion, loss)
-        self.optimizer = optimizer
-
-    def step(self, x0: torch.Tensor) -> float:
-        self.optimizer.zero_grad(set_to_none=True)
-        value = self.module(x0)
-        value.backward()
-        self.optimizer.step()
-        return value.item()
-
-
-#: configurations whose network sees γ − γ_min + (the initial γ_min), and whose endpoints
-#: the main optimizer leaves alone (``learned-heldout`` trains them separately)
-_ANCHORED = ("learned-anchored", "learned-heldout")
-_FROZEN_ENDPOINTS = ("learned-shape", "learned-heldout")
-
-
-def _check_decoder(decoder: str) -> str:
-    if decoder not in DECODERS:
-        raise ValueError(f"decoder: expected one of {DECODERS}, got {decoder!r}")
-    return decoder
+optim_args = parameter_settings
+param_groups = param_groups
 
 
 def make_diffusion(
@@ -382,43 +410,27 @@ def make_diffusion(
 ) -> Diffusion:
     """The untrained model of configuration ``config``: ``Diffusion(MLPDenoiser(event_shape,
     hidden, depth), make_schedule(config, tuned), event_shape, num_levels=num_levels,
-    decoder=decoder, anchor=tuned[0] for the anchored configurations)``."""
-    check_config(config)
-    _check_decoder(decoder)
-    return Diffusion(
-        MLPDenoiser(tuple(event_shape), hidden=hidden, depth=depth),
-        make_schedule(config, tuned),
-        tuple(event_shape),
-        num_levels=num_levels,
-        decoder=decoder,
-        anchor=tuned[0] if config in _ANCHORED else None,
-    )
+    decoder=decoder, anchor=tuned[0] for the anchored configurations)``, built by
+    :func:`~pyro_diffusion.training.build_diffusion` from :func:`study_config`."""
+    settings = study_config(config, hidden=hidden, depth=depth, decoder=decoder, tuned=tuned)
+    return build_diffusion(settings, DataShape(tuple(event_shape), num_levels))
 
 
 def build(
     config: str,
     event_shape: tuple[int, ...],
     num_levels: int,
-    *,
-    hidden: int = 128,
-    depth: int = 2,
-    decoder: str = "plain",
-    tuned: tuple[float, float] = (-4.0, 2.0),
-    lr: float = 2e-3,
-    schedule_lr: float | None = None,
-    weight_decay: float = 0.0,
-    train_num_steps: int | None = None,
-) -> tuple[Diffusion, object, Trainer]:
+    **settings,
+) -> tuple[Diffusion, object, Engine]:
     """The untrained model of configuration ``config`` and its training: ``(diffusion, loss,
-    trainer)``, as :func:`train_and_evaluate` uses them (:func:`make_diffusion`, the loss of
-    :func:`make_loss` with ``train_num_steps``, a :class:`Trainer` with ``ClippedAdam`` over
-    :func:`param_groups` of :func:`optim_args`)."""
-    diffusion = make_diffusion(
-        config, event_shape, num_levels, hidden=hidden, depth=depth, decoder=decoder, tuned=tuned
-    )
-    settings = optim_args(lr, schedule_lr, weight_decay, freeze_endpoints=config in _FROZEN_ENDPOINTS)
-    loss = make_loss(config, train_num_steps)
-    return diffusion, loss, Trainer(diffusion, loss, ClippedAdam(param_groups(diffusion, settings), lr=lr))
+    engine)``, as :func:`train_and_evaluate` uses them: :func:`~pyro_diffusion.training.build_diffusion`
+    and :func:`~pyro_diffusion.training.build_engine` of ``study_config(config, **settings)``
+    (``settings``: the keyword arguments of :func:`study_config`).  ``engine.step(x0)`` takes
+    one optimizer step and returns the loss summed over the batch (a tensor)."""
+    training_config = study_config(config, **settings)
+    diffusion = build_diffusion(training_config, DataShape(tuple(event_shape), num_levels))
+    engine = build_engine(training_config, diffusion, desc=config)
+    return diffusion, engine.loss, engine
 
 
 def _heldout_endpoint_step(
@@ -426,10 +438,11 @@ def _heldout_endpoint_step(
 ):
     """For ``learned-heldout``: a function that takes one Adam step of the schedule's
     endpoints γ_min, γ_max on the bound of a batch of *held-out* images (``val``), touching no
-    other parameter.  The endpoints are two numbers that the training bound pulls towards
-    values that suit the training images; trained on held-out images they go where the bound
-    generalizes, as a hyperparameter fitted by gradient would.  The shape and the network
-    train on the training images as in ``learned-anchored``."""
+    other parameter (the engine's :func:`~pyro_diffusion.engine.optimizer_step` with
+    ``inputs`` the endpoints).  The endpoints are two numbers that the training bound pulls
+    towards values that suit the training images; trained on held-out images they go where
+    the bound generalizes, as a hyperparameter fitted by gradient would.  The shape and the
+    network train on the training images as in ``learned-anchored``."""
     endpoints = [diffusion.schedule.gamma_min, diffusion.schedule.gamma_max]
     optimizer = torch.optim.Adam(endpoints, lr=lr)
     module = elbo_module(diffusion, loss_fn)
@@ -437,18 +450,13 @@ def _heldout_endpoint_step(
 
     def step() -> None:
         rows = torch.randint(0, val.shape[0], (batch,), generator=rows_generator)
-        held = module(val[rows]) / batch
-        grads = torch.autograd.grad(held, endpoints)
-        for param, grad in zip(endpoints, grads):
-            param.grad = grad
-        optimizer.step()
-        for param in endpoints:
-            param.grad = None
+        engine_module.optimizer_step(module, optimizer, val[rows], scale=1.0 / batch, inputs=endpoints)
+        optimizer.zero_grad(set_to_none=True)  # left clean for the main optimizer's next step
 
     return step
 
 
-def train_and_evaluate(
+def train_and_evaluate_model(
     config: str,
     *,
     data: str = "digits",
@@ -471,20 +479,24 @@ def train_and_evaluate(
     ema: float = 0.0,
     weight_decay: float = 0.0,
     train_num_steps: int | None = None,
-) -> dict:
-    """Train configuration ``config`` on a K-level data set and evaluate it on the test split.
+) -> tuple[Diffusion, dict]:
+    """Train configuration ``config`` on a K-level data set and evaluate it on the test split;
+    returns ``(diffusion, results)``, the diffusion holding the selected weights (eval mode).
 
-    The model is :func:`make_diffusion`'s (an :class:`~pyro_diffusion.nets.MLPDenoiser` over
-    the flattened data, ``decoder`` ``"plain"`` or ``"network"``); the optimizer
-    ``ClippedAdam`` with learning rate ``lr`` (``schedule_lr`` for the schedule's parameters,
-    ``None``: ``lr``; see :func:`optim_args`).  Evaluation draws are seeded identically for
-    every configuration.  Returns a JSON-able dict (bits/dim), with the per-image test bound
-    (``test_per_image_bpd`` and its Monte Carlo ``…_se``).
+    The model and its training are :func:`study_config`'s (an
+    :class:`~pyro_diffusion.nets.MLPDenoiser` over the flattened data, ``decoder``
+    ``"plain"`` or ``"network"``; Adam with learning rate ``lr``, ``schedule_lr`` for the
+    schedule's parameters, gradients clipped per element at 10), trained by the package's
+    engine (:class:`~pyro_diffusion.engine.Engine`, through :func:`build`), exactly as
+    ``pyro-diffusion train`` with ``study_config(...).flags()`` trains it.  Evaluation draws
+    are seeded identically for every configuration.  Returns a JSON-able dict (bits/dim),
+    with the per-image test bound (``test_per_image_bpd`` and its Monte Carlo ``…_se``).
 
     Regularization and checkpoint selection (all off by default):
 
-    * ``val_size``: hold out that many training images (:func:`split_validation`, the same
-      split for every configuration and seed); training uses the rest.
+    * ``val_size``: hold out that many training images
+      (:func:`~pyro_diffusion.training.split_validation`, the same split for every
+      configuration and seed); training uses the rest.
     * ``eval_every`` (with ``val_size``): every that many steps, and at the end, measure the
       continuous-time bound on the held-out images (``val_times`` draws per image, the same
       draws at every check; ``val_history`` rows are step, bound, γ_min, γ_max) and keep the
@@ -492,98 +504,61 @@ def train_and_evaluate(
       selection.
     * ``ema``: keep an exponential moving average of the weights with this decay; the
       average is what is validated and evaluated.
-    * ``weight_decay``: L2 penalty on the network's weights (``ClippedAdam``'s ``weight_decay``).
+    * ``weight_decay``: L2 penalty on the network's weights (Adam's ``weight_decay``).
 
     ``train_num_steps = T`` trains on the T-interval bound instead of the continuous-time one
     (:func:`make_loss`); the validation bound that selects checkpoints is then the T-interval
     bound too.  Per-image test bounds are kept for T = ∞ (``test_per_image_bpd``) and for each
     T of ``eval_steps`` (``test_per_image_bpd_T{T}``), for paired comparisons.  T counts VDM's
     intervals: the library's ``num_steps = T + 1`` (module docstring)."""
-    check_config(config)
-    _check_decoder(decoder)
+    settings = dict(
+        data=data,
+        seed=seed,
+        steps=steps,
+        batch=batch,
+        hidden=hidden,
+        depth=depth,
+        lr=lr,
+        schedule_lr=schedule_lr,
+        tuned=tuned,
+        decoder=decoder,
+        val_size=val_size,
+        eval_every=eval_every,
+        val_times=val_times,
+        ema=ema,
+        weight_decay=weight_decay,
+        train_num_steps=train_num_steps,
+        progress=progress,
+        log_every=log_every,
+    )
+    training_config = study_config(config, **settings)  # checks every setting
     for T in eval_steps:
         _check_intervals(T, "eval_steps")
-    dataset = load_dataset(data)
+    dataset = load_run_data(training_config)
     if dataset.num_levels is None:
         raise ValueError(f"data: expected a K-level data set (e.g. 'digits'), {data!r} has no num_levels")
-    torch.manual_seed(seed)
-    pyro.set_rng_seed(seed)
+    if config == "learned-heldout" and not val_size:
+        raise ValueError("learned-heldout: trains the endpoints on the validation split; give val_size > 0")
     train, test = dataset.train, dataset.test
     val = None
     if val_size:
         train, val = split_validation(train, val_size)
-    if eval_every and val is None:
-        raise ValueError("eval_every: checkpoint selection needs a validation split (val_size > 0)")
     event_shape = tuple(train.shape[1:])
     dim = math.prod(event_shape)
-    diffusion, loss_fn, trainer = build(
-        config,
-        event_shape,
-        dataset.num_levels,
-        hidden=hidden,
-        depth=depth,
-        decoder=decoder,
-        tuned=tuned,
-        lr=lr,
-        schedule_lr=schedule_lr,
-        weight_decay=weight_decay,
-        train_num_steps=train_num_steps,
-    )
-    generator = torch.Generator().manual_seed(seed)
-    heldout_step = None
+    pyro.set_rng_seed(seed)  # as training.fit does: the weights, then the training draws
+    diffusion, loss_fn, engine = build(config, event_shape, dataset.num_levels, **settings)
+    hooks = []
     if config == "learned-heldout":
-        if val is None:
-            raise ValueError(
-                "learned-heldout: trains the endpoints on the validation split; give val_size > 0"
-            )
         endpoint_lr = lr if schedule_lr is None else schedule_lr
         heldout_step = _heldout_endpoint_step(diffusion, loss_fn, val, batch, endpoint_lr, seed)
+        hooks.append(lambda engine: heldout_step())
     nats_to_bits = 1 / (dim * math.log(2))
-    history, val_history = [], []
-    average = best = None
-    best_value, best_step = math.inf, None
-
-    def check(step):
-        nonlocal best, best_value, best_step
-        current = _snapshot(diffusion) if average is not None else None
-        if average is not None:
-            average.copy_to(diffusion)
-        value = _validation_bpd(diffusion, val, val_times, train_num_steps)
-        low, high = (g.item() for g in diffusion.schedule.endpoints())
-        val_history.append((step, value, low, high))
-        if value < best_value:
-            best, best_value, best_step = _snapshot(diffusion), value, step
-        if current is not None:
-            _restore(diffusion, current)
-        return value
-
     start = time.time()
-    bar = tqdm(range(steps), desc=config, disable=not progress)
-    for step in bar:
-        rows = torch.randint(0, train.shape[0], (batch,), generator=generator)
-        loss = trainer.step(train[rows]) / batch * nats_to_bits
-        if heldout_step is not None:
-            heldout_step()
-        if ema:
-            if average is None:
-                average = _WeightAverage(diffusion, ema)
-            else:
-                average.update()
-        if eval_every and ((step + 1) % eval_every == 0 or step == steps - 1):
-            value = check(step + 1)
-            if log_every:
-                low, high = val_history[-1][2:]
-                print(
-                    f"{config} seed {seed} step {step + 1}: validation {value:.4f}, γ ∈ [{low:.2f}, {high:.2f}]",
-                    flush=True,
-                )
-        if step % 100 == 0 or step == steps - 1:
-            history.append((step, loss))
-            bar.set_postfix(loss=f"{loss:.3f}")
-        if log_every and step % log_every == 0:
-            print(
-                f"{config} seed {seed} step {step}: loss {loss:.3f}, {time.time() - start:.0f} s", flush=True
-            )
+    engine.run(train, steps, val_data=val, hooks=hooks)
+    diffusion.load_state_dict(engine.selected_state_dict())
+    history = [
+        (i, value * nats_to_bits) for i, value in enumerate(engine.history) if i % 100 == 0 or i == steps - 1
+    ]
     result = {
         "config": config,
         "data": data,
@@ -601,21 +576,20 @@ def train_and_evaluate(
         result["train_num_steps"] = train_num_steps
     if val_size or ema or weight_decay:
         result.update(val_size=val_size, eval_every=eval_every, ema=ema, weight_decay=weight_decay)
-    if best is not None:
-        _restore(diffusion, best)
-        result.update(val_history=val_history, best_step=best_step, val_bpd=best_value)
-    elif average is not None:
-        average.copy_to(diffusion)
-    if val is not None and best is None:
-        result["val_bpd"] = _validation_bpd(diffusion, val, val_times, train_num_steps)
+    if eval_every:
+        result.update(
+            val_history=engine.val_history, best_step=engine.best["step"], val_bpd=engine.best["value"]
+        )
+    elif val is not None:
+        result["val_bpd"] = engine.val_history[-1][1]
     diffusion.eval()
     gamma0, gamma1 = diffusion.schedule.endpoints()
     result["gamma_min"], result["gamma_max"] = gamma0.item(), gamma1.item()
     with torch.no_grad():
         times = torch.linspace(0, 1, 101, dtype=torch.float64)
         result["gamma_curve"] = diffusion.schedule.gamma(times).tolist()
-    torch.manual_seed(12345)  # the same evaluation draws for every configuration
-    estimate = bound(diffusion, test, num_steps=0, num_times=eval_times)
+    # the same evaluation draws for every configuration, and the ones `pyro-diffusion evaluate` uses
+    estimate = continuous_bound(diffusion, test, num_times=eval_times)
     result["test_bpd_continuous"], result["test_bpd_continuous_se"] = estimate.dataset_mean()
     result["estimator_variance_bpd2"] = estimate.variance.mean().item()
     result["eval_times"] = eval_times
@@ -634,7 +608,12 @@ def train_and_evaluate(
     # the 20 interval terms of the T = 20 bound (columns 1..20 of its 22 terms)
     profile = vlb_terms(diffusion, test, num_steps=library_num_steps(20))[:, 1:-1]
     result["profile_T20_bpd"] = (profile.mean(0) * nats_to_bits).tolist()
-    return result
+    return diffusion, result
+
+
+def train_and_evaluate(config: str, **settings) -> dict:
+    """The results of :func:`train_and_evaluate_model` (same arguments), without the model."""
+    return train_and_evaluate_model(config, **settings)[1]
 
 
 def _mean_sd(values):
@@ -843,10 +822,9 @@ def summarize(folder: str | Path, baselines: bool = True) -> str:
     per-pixel categorical and mixture-of-categoricals baselines of
     :mod:`pyro_diffusion.baselines` when ``baselines``), ``baselines.json`` and the figures;
     returns the table."""
-    import json
 
     folder = Path(folder)
-    results = [json.loads(p.read_text()) for p in sorted(folder.glob("*_seed*.json"))]
+    results = [run_files.read_json(p) for p in sorted(folder.glob("*_seed*.json"))]
     if not results:
         raise FileNotFoundError(f"folder: no *_seed*.json results in {folder}")
     named = None
@@ -854,14 +832,14 @@ def summarize(folder: str | Path, baselines: bool = True) -> str:
         from ..baselines import baseline_bits_per_dim
 
         values = baseline_bits_per_dim(load_dataset(results[0].get("data", "digits")))
-        (folder / "baselines.json").write_text(json.dumps(values, indent=1))
+        run_files.write_json(values, folder / "baselines.json")
         components = values["categorical_mixture"]["num_components"]
         named = {
             "per-pixel categorical": values["pixel_categorical"],
             f"mixture of {components} categoricals": values["categorical_mixture"],
         }
     table = results_table(results, named)
-    (folder / "results.md").write_text(table + "\n")
+    run_files.write_bytes((table + "\n").encode(), folder / "results.md")
     plot_results(results, folder)
     return table
 
@@ -880,21 +858,20 @@ def run_vdm_comparison(
     (finished ones are reused), then :func:`summarize`; returns the table.  ``kwargs`` go to
     :func:`train_and_evaluate`, over the settings of ``recipe`` (:data:`RECIPES`); ``quick``
     applies :data:`QUICK` between the two."""
-    import json
 
     unknown = [c for c in configs if c not in CONFIGS and not _is_linear(c)]
     if unknown:
         raise ValueError(f"configs: unknown {unknown}; expected entries of {CONFIGS}")
     if recipe not in RECIPES:
         raise ValueError(f"recipe: expected one of {tuple(RECIPES)}, got {recipe!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = run_files.check_out(out, argument="--out")
     settings = {**RECIPES[recipe], **(QUICK if quick else {}), **kwargs}
-    for seed in seeds:
-        for config in configs:
-            path = out / f"{config}_seed{seed}.json"
-            if path.exists():
-                continue
-            result = train_and_evaluate(config, seed=seed, **settings)
-            path.write_text(json.dumps(result, indent=1))
-    return summarize(out, baselines)
+    with run_files.RunLock(out, argument="--out"):  # one study writes ``out`` at a time
+        for seed in seeds:
+            for config in configs:
+                path = out / f"{config}_seed{seed}.json"
+                if path.exists():
+                    continue
+                result = train_and_evaluate(config, seed=seed, **settings)
+                run_files.write_json(result, path)
+        return summarize(out, baselines)
