@@ -132,17 +132,20 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def _mlp(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
-    return MLPDenoiser(tuple(event_shape), config.hidden, config.depth, learned)
+def _mlp(config: TrainConfig, event_shape, learned: bool, gamma_range: tuple[float, float]) -> nn.Module:
+    return MLPDenoiser(tuple(event_shape), config.hidden, config.depth, learned, gamma_range=gamma_range)
 
 
-def _unet(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
+def _unet(config: TrainConfig, event_shape, learned: bool, gamma_range: tuple[float, float]) -> nn.Module:
     if len(event_shape) != 3:
         raise ValueError(f"network: 'unet' needs image data (C, H, W), got event_shape {tuple(event_shape)}")
-    return UNetDenoiser(event_shape[0], base=config.hidden, multipliers=(1, 2), learned_variance=learned)
+    return UNetDenoiser(
+        event_shape[0], base=config.hidden, multipliers=(1, 2), learned_variance=learned, gamma_range=gamma_range
+    )
 
 
-#: name → ``(config, event_shape, learned_variance) -> network(z, γ)``
+#: name → ``(config, event_shape, learned_variance, gamma_range) -> network(z, γ)``; ``gamma_range``
+#: is the model's own range of noise levels (γ_1, γ_T), which the network's embedding spans
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "unet": _unet}
 
 
@@ -265,13 +268,17 @@ def build_schedule(config: TrainConfig) -> Schedule:
 def build_diffusion(config: TrainConfig, dataset: Dataset) -> Diffusion:
     """The :class:`~pyro_diffusion.diffusion.Diffusion` for ``config`` on ``dataset``: DDPM's
     decoder (discretized for K-level data, ``dataset.num_levels``; Gaussian otherwise), the
-    variance the objective needs, ``config.num_steps`` noise levels; weights initialized from
-    ``config.seed``; on ``config.device``."""
+    variance the objective needs, ``config.num_steps`` noise levels; a network whose noise-level
+    embedding spans the model's own levels (γ_1, γ_T), so that its resolution is spent where the
+    chain lives; weights initialized from ``config.seed``; on ``config.device``."""
     config = config.resolved(dataset)
     objective = OBJECTIVES[config.objective]
     learned = objective.variance == "learned"
+    with torch.random.fork_rng():  # the range alone; the generator's stream is left as it was
+        levels = build_schedule(config).grid(config.num_steps).detach()
+    gamma_range = (levels[0].item(), levels[-1].item())
     torch.manual_seed(config.seed)
-    denoiser = NETWORKS[config.network](config, dataset.event_shape, learned)
+    denoiser = NETWORKS[config.network](config, dataset.event_shape, learned, gamma_range)
     return Diffusion(
         denoiser,
         build_schedule(config),

@@ -74,7 +74,7 @@ def test_digits_baselines_match_the_stated_numbers():
     mixture = CategoricalMixture(17, num_components=20, iterations=60).fit(digits.train)
     p_bits = -pixel.log_prob(digits.test) / (64 * math.log(2))
     m_bits = -mixture.log_prob(digits.test) / (64 * math.log(2))
-    # issue 4: about 2.4 (pixels) and 2.2 (mixture) bits/dim on the 297 test images
+    # about 2.4 (pixels) and 2.2 (mixture) bits/dim on the 297 test images
     assert p_bits.mean().item() == pytest.approx(2.44, abs=0.03)
     assert m_bits.mean().item() == pytest.approx(2.22, abs=0.05)
     difference = p_bits - m_bits  # paired over test images
