@@ -209,17 +209,24 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
-def _mlp(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
-    return MLPDenoiser(tuple(event_shape), config.hidden, config.depth, learned)
+def _mlp(config: TrainConfig, event_shape, learned: bool, gamma_range: tuple[float, float]) -> nn.Module:
+    return MLPDenoiser(tuple(event_shape), config.hidden, config.depth, learned, gamma_range=gamma_range)
 
 
-def _unet(config: TrainConfig, event_shape, learned: bool) -> nn.Module:
+def _unet(config: TrainConfig, event_shape, learned: bool, gamma_range: tuple[float, float]) -> nn.Module:
     if len(event_shape) != 3:
         raise ValueError(f"network: 'unet' needs image data (C, H, W), got event_shape {tuple(event_shape)}")
-    return UNetDenoiser(event_shape[0], base=config.hidden, multipliers=(1, 2), learned_variance=learned)
+    return UNetDenoiser(
+        event_shape[0],
+        base=config.hidden,
+        multipliers=(1, 2),
+        learned_variance=learned,
+        gamma_range=gamma_range,
+    )
 
 
-#: name → ``(config, event_shape, learned_variance) -> network(z, γ)``
+#: name → ``(config, event_shape, learned_variance, gamma_range) -> network(z, γ)``; ``gamma_range``
+#: is the model's own range of noise levels (γ_1, γ_T), which the network's embedding spans
 NETWORKS: dict[str, Callable[..., nn.Module]] = {"mlp": _mlp, "unet": _unet}
 
 
@@ -364,6 +371,12 @@ class TrainConfig:
     anchor: float | None = _option(
         None, "the network sees γ − γ(0) + ANCHOR instead of γ (for a learned γ(0))", "model", shown="γ"
     )
+    embed_gamma_min: float | None = _option(
+        None, "noise level at the low end of the network's level embedding", "model", shown="the model's γ_1"
+    )
+    embed_gamma_max: float | None = _option(
+        None, "noise level at the high end of the network's level embedding", "model", shown="the model's γ_T"
+    )
     # optimizer
     steps: int = _option(2000, "optimizer steps (minibatches)", "optimizer")
     batch_size: int = _option(128, "minibatch size (per process under torchrun)", "optimizer")
@@ -494,10 +507,20 @@ class TrainConfig:
             "gamma_min",
             "gamma_max",
             "anchor",
+            "embed_gamma_min",
+            "embed_gamma_max",
         ):
             value = getattr(self, name)
             if value is not None and not _number(value):
                 fail(name, "a finite number")
+        if (
+            None not in (self.embed_gamma_min, self.embed_gamma_max)
+            and not self.embed_gamma_min < self.embed_gamma_max
+        ):
+            raise ValueError(
+                "embed_gamma_min, embed_gamma_max: expected min < max, "
+                f"got {self.embed_gamma_min}, {self.embed_gamma_max}"
+            )
         for name in ("learn_shape", "freeze_endpoints", "progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
@@ -633,12 +656,22 @@ def build_diffusion(
     :class:`~pyro_diffusion.data.Dataset` or a :class:`DataShape`): the configuration's
     schedule, network, decoder (discretized for K-level data), mean and variance, and
     ``config.num_steps`` noise levels; weights initialized from ``config.seed``; on
-    ``device`` (default ``config.device``)."""
+    ``device`` (default ``config.device``).  The network's noise-level embedding spans
+    [``embed_gamma_min``, ``embed_gamma_max``], by default the model's own levels (γ_1, γ_T),
+    so that its resolution is spent where the chain lives."""
     config = config.resolved(dataset)
     objective = OBJECTIVES[config.objective]
     variance = config.variance or objective.variance
+    gamma_range = (config.embed_gamma_min, config.embed_gamma_max)
+    if None in gamma_range:
+        with torch.random.fork_rng():  # the range alone; the generator's stream is left as it was
+            levels = build_schedule(config).grid(config.num_steps).detach()
+        gamma_range = (
+            levels[0].item() if config.embed_gamma_min is None else config.embed_gamma_min,
+            levels[-1].item() if config.embed_gamma_max is None else config.embed_gamma_max,
+        )
     torch.manual_seed(config.seed)
-    denoiser = NETWORKS[config.network](config, dataset.event_shape, variance == "learned")
+    denoiser = NETWORKS[config.network](config, dataset.event_shape, variance == "learned", gamma_range)
     return Diffusion(
         denoiser,
         build_schedule(config),

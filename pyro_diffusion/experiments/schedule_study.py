@@ -258,7 +258,8 @@ def study_config(
     trains exactly the model :func:`train_and_evaluate` trains (all but ``learned-heldout``,
     whose endpoint steps on the held-out images are a hook of the study).
 
-    Every configuration: an MLP of ``hidden`` × ``depth`` on the flattened data, ε-prediction,
+    Every configuration: an MLP of ``hidden`` × ``depth`` on the flattened data whose level
+    embedding spans γ ∈ [−15, 15] (wider than any of the study's schedules), ε-prediction,
     the posterior variance, ``decoder`` (``"plain"`` or ``"network"``), the schedule of
     :func:`make_schedule`; the loss of :func:`make_loss` (the continuous-time bound with
     low-discrepancy times unless ``train_num_steps``); Adam at ``lr`` (``schedule_lr`` for the
@@ -287,6 +288,8 @@ def study_config(
         variance="small",
         decoder=decoder,
         anchor=float(tuned[0]) if config in _ANCHORED else None,
+        embed_gamma_min=-15.0,
+        embed_gamma_max=15.0,
         steps=steps,
         batch_size=batch,
         lr=lr,
