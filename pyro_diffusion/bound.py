@@ -48,6 +48,7 @@ def _sum_event(x: torch.Tensor) -> torch.Tensor:
 
 def prior_term(diffusion, x0: torch.Tensor, gamma_T: torch.Tensor | None = None) -> torch.Tensor:
     """L_T = KL(q(x_T | x_0) ‖ N(0, I)) per datum, ``(B,)`` (level: the model's top by default)."""
+    diffusion.check_data(x0)
     if gamma_T is None:
         gamma_T = diffusion.grid()[-1]
     q = diffusion.marginal(x0, gamma_T)
@@ -148,6 +149,10 @@ def vlb_terms(
 def bits_per_dim(diffusion, terms: torch.Tensor) -> torch.Tensor:
     """−ELBO / (D ln 2) per datum from ``vlb_terms`` (or any per-datum nats summed over the last
     dimension)."""
+    if not isinstance(terms, torch.Tensor) or not terms.is_floating_point() or terms.dim() < 1:
+        raise TypeError(
+            f"terms: expected a floating-point tensor of per-datum terms in nats, got {terms!r:.80}"
+        )
     return terms.sum(-1) / (diffusion.event_size * math.log(2))
 
 

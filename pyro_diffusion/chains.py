@@ -90,6 +90,10 @@ TIME_SAMPLERS = ("uniform", "low-discrepancy", "importance")
 
 def site_name(t: int, prefix: str = "") -> str:
     """The Pyro site of x_t: ``"x_{t}"`` with the paper's 1-based t (``x_0`` is data)."""
+    if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.is_floating_point() and t.dtype != torch.bool:
+        t = int(t)
+    if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+        raise ValueError(f"t: expected a step t >= 0 (0 is the data), got {t!r}")
     return f"{prefix}x_{t}"
 
 

@@ -52,6 +52,10 @@ __all__ = ["Diffusion", "GaussianDiffusion", "check_event_shape", "check_batch"]
 #: the default grid size for schedules without a native grid
 DEFAULT_NUM_STEPS = 1000
 
+#: the largest |x| accepted as data (with Pyro's validation on); diffusions expect data on the
+#: scale of the unit-variance noise
+MAX_ABS_VALUE = 1e6
+
 
 def check_event_shape(event_shape) -> torch.Size:
     """``event_shape`` as a ``torch.Size``: non-empty, every size positive."""
@@ -78,12 +82,22 @@ def check_batch(x0, event_shape: torch.Size, device=None, argument: str = "x0") 
             f"{argument}: expected shape (batch, {', '.join(map(str, event_shape))}) "
             f"for event_shape {tuple(event_shape)}, got {tuple(x0.shape)}"
         )
+    if x0.shape[0] == 0:
+        raise ValueError(
+            f"{argument}: expected at least one datum, got an empty batch of shape {tuple(x0.shape)}"
+        )
     if device is not None and x0.device != device:
         raise ValueError(
             f"{argument}: is on {x0.device} but the diffusion is on {device}; move one with .to(device)"
         )
-    if is_validation_enabled() and not torch.isfinite(x0).all():
-        raise ValueError(f"{argument}: contains NaN or infinite values")
+    if is_validation_enabled():
+        if not torch.isfinite(x0).all():
+            raise ValueError(f"{argument}: contains NaN or infinite values")
+        if x0.abs().max() > MAX_ABS_VALUE:
+            raise ValueError(
+                f"{argument}: values up to {x0.abs().max().item():.3g}; expected data on a moderate scale "
+                f"(|x| <= {MAX_ABS_VALUE:g}; scale it, e.g. to [-1, 1])"
+            )
     return x0
 
 
@@ -169,6 +183,10 @@ class Diffusion(nn.Module):
             isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2
         ):
             raise ValueError(f"num_levels: expected None or an integer K >= 2, got {num_levels!r}")
+        if not isinstance(name, str) or not name:
+            raise ValueError(
+                f"name: expected a non-empty string (the param store's and the plate's prefix), got {name!r}"
+            )
         if guide_order not in chains.GUIDE_ORDERS:
             raise ValueError(f"guide_order: expected one of {chains.GUIDE_ORDERS}, got {guide_order!r}")
         if anchor is not None and (

@@ -22,6 +22,8 @@ guide_module)`` → ``ELBOModule`` for plain PyTorch loops.  Losses are sums ove
 
 from __future__ import annotations
 
+import math
+
 import torch
 from pyro import poutine
 from pyro.distributions.util import scale_and_mask
@@ -95,8 +97,14 @@ class _StepLoss(ELBO):
             raise ValueError("x0: these losses need data; got None")
         draw = draw or self.make_draw()
         kwargs = {**kwargs, "steps": draw, "num_steps": self.num_steps}
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        try:
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+        except ValueError as error:  # Pyro appends the trace's shapes: keep the message's first line
+            message = str(error)
+            if "\n" in message:
+                raise ValueError(message.split("\n", 1)[0]) from error
+            raise
         return model_trace, guide_trace, draw
 
     def per_datum(self, model_trace, guide_trace, draw) -> torch.Tensor:  # pragma: no cover
@@ -265,6 +273,13 @@ class SimplifiedLoss(_StepLoss):
     1 to 1/λ_t, up to constants (``docs/derivation.md``).  Not a bound on −log p, so a learned
     schedule gets no gradient from it: the noise levels of its draws are detached."""
 
+    def __init__(self, num_steps: int | None = None, times: str = "uniform") -> None:
+        if times == "importance":
+            raise ValueError(
+                "times: L_simple draws its steps uniformly ('uniform' or 'low-discrepancy'), got 'importance'"
+            )
+        super().__init__(num_steps, times)
+
     def make_draw(self) -> StepDraw:
         return _DetachedLevels(self.times)
 
@@ -294,8 +309,12 @@ class HybridLoss(_StepLoss):
 
     def __init__(self, vlb_weight: float = 1e-3, num_steps: int | None = None) -> None:
         super().__init__(num_steps, "uniform")
-        if not isinstance(vlb_weight, (int, float)) or not vlb_weight >= 0:
-            raise ValueError(f"vlb_weight: expected λ >= 0, got {vlb_weight!r}")
+        if (
+            isinstance(vlb_weight, bool)
+            or not isinstance(vlb_weight, (int, float))
+            or not (math.isfinite(vlb_weight) and vlb_weight >= 0)
+        ):
+            raise ValueError(f"vlb_weight: expected a finite λ >= 0, got {vlb_weight!r}")
         self.vlb_weight = float(vlb_weight)
 
     def make_draw(self) -> StepDraw:

@@ -144,12 +144,21 @@ def sample(
         raise ValueError(f"method: expected one of {sorted(SAMPLERS)}, got {method!r}")
     if num_steps is not None:
         check_num_steps(num_steps)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise ValueError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    callback = kwargs.get("callback")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a function of one dict or None, got {callback!r:.80}")
     shape = (num_samples, *diffusion.event_shape)
     device = diffusion.device
     if x_T is None:
         x = torch.randn(shape, device=device, dtype=dtype or torch.get_default_dtype(), generator=generator)
     else:
+        if not isinstance(x_T, torch.Tensor) or not x_T.is_floating_point():
+            raise TypeError(f"x_T: expected a floating-point tensor of shape {shape}, got {x_T!r:.80}")
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T: expected shape {shape}, got {tuple(x_T.shape)}")
+        if not torch.isfinite(x_T).all():
+            raise ValueError("x_T: contains NaN or infinite values")
         x = x_T
     return SAMPLERS[method](diffusion, x, diffusion.grid(num_steps), **kwargs)

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.nn import functional as F
 
@@ -76,6 +77,8 @@ def _check_times(t: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"t: expected a floating-point tensor of times in [0, 1], got {t!r:.80}")
     if t.dim() != 1:
         raise ValueError(f"t: expected shape (batch,), got {tuple(t.shape)}")
+    if is_validation_enabled() and not ((t >= 0) & (t <= 1)).all():
+        raise ValueError("t: expected times in [0, 1] (no NaN)")
     return t.to(torch.float64)
 
 
@@ -246,6 +249,12 @@ class NoiseSchedule(Schedule):
         default 0.9 keeps that factor at 3, about what a linear schedule's largest step gives
         at T = 10.  Pass ``max_beta=0.999`` for Improved DDPM's numbers."""
         check_num_steps(num_steps)
+        if (
+            isinstance(offset, bool)
+            or not isinstance(offset, (int, float))
+            or not (math.isfinite(offset) and offset >= 0)
+        ):
+            raise ValueError(f"offset: expected a finite number s >= 0, got {offset!r}")
         if not isinstance(max_beta, (int, float)) or not 0 < max_beta < 1:
             raise ValueError(f"max_beta: expected a value in (0, 1), got {max_beta!r}")
         steps = torch.arange(num_steps + 1, dtype=torch.float64) / num_steps

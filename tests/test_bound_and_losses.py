@@ -273,7 +273,11 @@ def test_masked_decoder_terms_keep_the_gradients_finite():
     levels = torch.linspace(-1, 1, 17)
     x0 = levels[torch.randint(17, (128, 1, 8, 8))]
     d = GaussianDiffusion(
-        MLPDenoiser((1, 8, 8), hidden=64), NoiseSchedule.linear(1000), (1, 8, 8), decoder="discretized", num_levels=17
+        MLPDenoiser((1, 8, 8), hidden=64),
+        NoiseSchedule.linear(1000),
+        (1, 8, 8),
+        decoder="discretized",
+        num_levels=17,
     )
     with torch.no_grad():  # a network whose x̂ is far off at every level
         d.denoiser.output[-1].bias.fill_(30.0)

@@ -58,7 +58,13 @@ class UNetDenoiser(nn.Module):
         gamma_range: tuple[float, float] = (-15.0, 15.0),
     ) -> None:
         super().__init__()
-        if channels < 1 or base < 1 or not multipliers:
+        if not multipliers or any(
+            isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in multipliers
+        ):
+            raise ValueError(
+                f"multipliers: expected a non-empty tuple of positive integers, got {multipliers!r}"
+            )
+        if channels < 1 or base < 1:
             raise ValueError(
                 f"channels, base, multipliers: expected positive sizes, got {channels}, {base}, {multipliers}"
             )
