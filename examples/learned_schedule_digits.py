@@ -207,6 +207,7 @@ def diagnose(config: str, args) -> dict:
         lr=args.lr,
         schedule_lr=args.schedule_lr,
         weight_decay=args.weight_decay,
+        seed=args.seed,
     )
     generator = torch.Generator().manual_seed(args.seed)
     bits = 1 / (64 * math.log(2))
@@ -246,7 +247,7 @@ def diagnose(config: str, args) -> dict:
     start = time.time()
     for step in range(args.steps):
         rows_ = torch.randint(0, train.shape[0], (args.batch,), generator=generator)
-        loss = trainer.step(train[rows_]) / args.batch * bits
+        loss = trainer.step(train[rows_]).item() / args.batch * bits
         if average is None:
             average = ex._WeightAverage(vdm, args.ema or 0.999)
         else:

@@ -104,6 +104,8 @@ def test_nuts_matches_the_exact_conditional_with_small_rhat():
 def test_nuts_refuses_a_single_draw_by_name():
     with pytest.raises(ValueError, match="num_samples"):
         nuts_conditional(linear_diffusion(), OBSERVATION, Y, num_samples=1, warmup_steps=1, num_chains=1)
+    with pytest.raises(ValueError, match="num_samples"):  # Pyro's diagnostics need four draws
+        nuts_conditional(linear_diffusion(), OBSERVATION, Y, num_samples=3, warmup_steps=1, num_chains=1)
     with pytest.raises(ValueError, match="warmup_steps"):
         nuts_conditional(linear_diffusion(), OBSERVATION, Y, warmup_steps=-1)
 

@@ -128,7 +128,7 @@ def nuts_conditional(
     Args:
         diffusion: the trained diffusion (a discretized decoder is relaxed to a Gaussian).
         observation: the observation model; y: one observation ``(m,)``.
-        num_samples: draws per chain, at least 2 (ArviZ's diagnostics need two).
+        num_samples: draws per chain, at least 4 (Pyro's MCMC diagnostics need four).
         warmup_steps: warm-up iterations per chain.
         num_chains: chains run one after another, chain c seeded with ``seed + c``.
         num_steps: the grid: None (default) the model's own, K a K-level grid
@@ -153,7 +153,7 @@ def nuts_conditional(
         evaluation of the potential.
     """
     check_conditioning(diffusion, observation, y)
-    _check_int("num_samples", num_samples, 2, " (R-hat and ESS need two draws per chain)")
+    _check_int("num_samples", num_samples, 4, " (Pyro's MCMC diagnostics need four draws per chain)")
     _check_int("num_chains", num_chains, 1)
     _check_int("warmup_steps", warmup_steps, 0)
     _check_int("max_tree_depth", max_tree_depth, 1)
