@@ -1,15 +1,11 @@
 """GPU behaviour: device placement, dtypes, no host-device synchronization in the training
-step and the sampling loop, autocast.  Every test needs CUDA and is skipped without it.
-
-``PYRO_DIFFUSION_CUDA_TESTS_ON_CPU=1`` runs the same tests on the CPU (the synchronization
-checks, which only mean something on a GPU, are skipped then): a way to exercise them on a
-machine without a GPU.
+step and the sampling loop, autocast.  Every test needs CUDA and is skipped without it:
+a GPU test runs on a GPU or not at all.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pyro
 import pytest
@@ -27,11 +23,10 @@ from pyro_diffusion import (
     vlb_terms,
 )
 
-ON_CPU = os.environ.get("PYRO_DIFFUSION_CUDA_TESTS_ON_CPU") == "1"
-DEVICE = torch.device("cpu" if ON_CPU else "cuda")
+DEVICE = torch.device("cuda")
 pytestmark = [
     pytest.mark.cuda,
-    pytest.mark.skipif(not (ON_CPU or torch.cuda.is_available()), reason="needs a CUDA device"),
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
 
@@ -52,10 +47,7 @@ def _images(n: int = 8) -> torch.Tensor:
 
 @contextlib.contextmanager
 def _no_sync():
-    """Raise on any host-device synchronization inside the block (CUDA only)."""
-    if ON_CPU:
-        yield
-        return
+    """Raise on any host-device synchronization inside the block."""
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
