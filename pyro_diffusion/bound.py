@@ -98,12 +98,6 @@ def _default_chunk(batch: int, num_steps: int, max_items: int, event_size: int =
     return max(1, min(num_steps, rows // max(batch, 1)))
 
 
-def _check_positive(value, argument: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{argument}: expected a positive integer, got {value!r}")
-    return value
-
-
 def vlb_terms(
     diffusion,
     x0: torch.Tensor,
@@ -124,8 +118,8 @@ def vlb_terms(
     ``differentiable=False`` (default) evaluates under ``torch.no_grad()``."""
     diffusion.check_data(x0)
     if steps_per_call is not None:
-        _check_positive(steps_per_call, "steps_per_call")
-    _check_positive(max_items, "max_items")
+        check_num_steps(steps_per_call, "steps_per_call")
+    check_num_steps(max_items, "max_items")
     grid = diffusion.grid(num_steps).to(x0.device)
     T = grid.shape[0]
     B = x0.shape[0]
@@ -189,7 +183,7 @@ def bound_samples(
     diffusion.check_data(x0)
     if isinstance(num_times, bool) or not isinstance(num_times, int) or num_times < 2:
         raise ValueError(f"num_times: expected an integer >= 2, got {num_times!r}")
-    _check_positive(max_items, "max_items")
+    check_num_steps(max_items, "max_items")
     continuous = num_steps == 0 and not isinstance(num_steps, bool)
     if continuous:
         gamma_1, gamma_T = diffusion.schedule.endpoints()

@@ -447,8 +447,8 @@ def _linear(num_steps: int, beta_start: float | None = None, beta_end: float | N
     return NoiseSchedule.linear(num_steps, beta_start, beta_end)
 
 
-def _cosine(num_steps: int, **_) -> Schedule:
-    return NoiseSchedule.cosine(num_steps)
+def _cosine(num_steps: int, max_beta: float = 0.9, **_) -> Schedule:
+    return NoiseSchedule.cosine(num_steps, max_beta=max_beta)
 
 
 def _log_snr(num_steps: int, log_snr_max: float = 7.0, log_snr_min: float = -9.0, **_) -> Schedule:
@@ -469,9 +469,14 @@ def _gamma_cosine(num_steps: int, gamma_min: float = -10.0, gamma_max: float = 1
 
 
 def _learned(
-    num_steps: int, gamma_min: float = -10.0, gamma_max: float = 6.0, learn_shape: bool = True, **_
+    num_steps: int,
+    gamma_min: float = -10.0,
+    gamma_max: float = 6.0,
+    learn_shape: bool = True,
+    hidden: int = 1024,
+    **_,
 ) -> Schedule:
-    return LearnedGamma(gamma_min, gamma_max, learn_shape=learn_shape)
+    return LearnedGamma(gamma_min, gamma_max, hidden=hidden, learn_shape=learn_shape)
 
 
 #: name → ``(num_steps, **options) -> Schedule``; options a constructor does not use are ignored

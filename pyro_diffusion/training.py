@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import math
 import os
 import typing
@@ -104,7 +103,7 @@ from .engine import SAMPLINGS, Engine, elbo_module, process_seed, world
 from .losses import DiffusionELBO, HybridLoss, SimplifiedLoss
 from .nets import MLPDenoiser, UNetDenoiser
 from .parameterization import MEANS, VARIANCES
-from .schedules import SCHEDULES, LearnedGamma, NoiseSchedule, Schedule
+from .schedules import SCHEDULES, Schedule
 
 __all__ = [
     "TrainConfig",
@@ -610,18 +609,6 @@ class DataShape(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- building
-def _learned(num_steps: int, gamma_min=-10.0, gamma_max=6.0, learn_shape=True, hidden=1024, **_) -> Schedule:
-    return LearnedGamma(gamma_min, gamma_max, hidden=hidden, learn_shape=learn_shape)
-
-
-def _cosine(num_steps: int, max_beta=0.9, **_) -> Schedule:
-    return NoiseSchedule.cosine(num_steps, max_beta=max_beta)
-
-
-#: registry entries that need an option of :class:`TrainConfig` the core's entry may not take
-_NEEDS = {("learned", "hidden"): _learned, ("cosine", "max_beta"): _cosine}
-
-
 def build_schedule(config: TrainConfig) -> Schedule:
     """The schedule named by ``config.schedule`` (see :data:`~pyro_diffusion.schedules.SCHEDULES`)
     at ``config.num_steps`` levels, with the configuration's options."""
@@ -641,12 +628,7 @@ def build_schedule(config: TrainConfig) -> Schedule:
         options["hidden"] = config.schedule_hidden
     if config.max_beta is not None:
         options["max_beta"] = float(config.max_beta)
-    factory = SCHEDULES[config.schedule]
-    for (name, option), fallback in _NEEDS.items():
-        if config.schedule == name and option in options:
-            if option not in inspect.signature(factory).parameters:
-                factory = fallback
-    return factory(config.num_steps, **options)
+    return SCHEDULES[config.schedule](config.num_steps, **options)
 
 
 def build_diffusion(
