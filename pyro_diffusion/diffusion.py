@@ -200,8 +200,6 @@ class Diffusion(nn.Module):
         if num_steps is None:
             num_steps = schedule.num_steps or DEFAULT_NUM_STEPS
         check_num_steps(num_steps)
-        if decoder == "ddpm" and num_steps < 2 and variance != "learned":
-            pass  # T = 1 has no β̃_2: the decoder falls back on β_1 (decoder_distribution)
         self.denoiser = denoiser
         self.schedule = schedule
         self.event_shape = event_shape
@@ -246,8 +244,6 @@ class Diffusion(nn.Module):
         if num_steps is None:
             num_steps = self.num_steps
         check_num_steps(num_steps)
-        if num_steps == self.num_steps and self.schedule.num_steps == num_steps:
-            return self.schedule.grid()
         return self.schedule.grid(num_steps)
 
     def config(self) -> dict:
