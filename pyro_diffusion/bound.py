@@ -60,7 +60,7 @@ def decoder_term(diffusion, x0: torch.Tensor, gamma_1: torch.Tensor | None = Non
     if gamma_1 is None:
         gamma_1 = diffusion.grid()[0]
     z_1 = diffusion.marginal(x0, gamma_1).rsample()
-    return -_sum_event(diffusion.decoder_distribution(z_1, gamma_1).log_prob(x0))
+    return -_sum_event(diffusion.decoder_distribution(z_1, diffusion.levels(gamma_1, z_1)).log_prob(x0))
 
 
 def step_terms(diffusion, x0: torch.Tensor, gamma_s: torch.Tensor, gamma_t: torch.Tensor) -> torch.Tensor:
@@ -186,7 +186,7 @@ def bound_samples(
     check_num_steps(max_items, "max_items")
     continuous = num_steps == 0 and not isinstance(num_steps, bool)
     if continuous:
-        gamma_1, gamma_T = diffusion.schedule.endpoints()
+        gamma_1, gamma_T = diffusion.schedule.endpoint_levels()
     else:
         grid = diffusion.grid(num_steps).to(x0.device)
         gamma_1, gamma_T = grid[0], grid[-1]

@@ -361,7 +361,7 @@ class StepDraw:
         schedule = diffusion.schedule
         if num_steps == 0:  # continuous time
             at = schedule(self._uniform(batch, device))
-            gamma_1, gamma_T = schedule.endpoints()
+            gamma_1, gamma_T = schedule.endpoint_levels()
             weight = torch.ones(batch, dtype=torch.float64, device=device)
             return StepLevels(
                 at.gamma, None, at.derivative, None, weight, gamma_1, gamma_T, None, at.shape_outputs
@@ -400,7 +400,9 @@ class StepDraw:
         on_decoder = None
         if first == 1:
             on_decoder = index == 1
-            lower = torch.where(on_decoder, gamma_t - 1.0, lower)  # a finite stand-in, masked out
+            # a finite stand-in, masked out (per-dimension levels: one flag per datum)
+            flag = on_decoder.reshape(on_decoder.shape + (1,) * (gamma_t.dim() - 1))
+            lower = torch.where(flag, gamma_t - 1.0, lower)
         return StepLevels(gamma_t, lower, None, on_decoder, weight, grid[0], grid[-1], index, (), first, n)
 
 
@@ -445,7 +447,7 @@ def reverse_model(diffusion, x0: torch.Tensor | None, num_samples: int | None, g
         for t in range(T, 1, -1):
             p, _ = diffusion.reverse_step(x_t, grid[t - 2], grid[t - 1])
             x_t = pyro.sample(site_name(t - 1), _event(p, event_dims))
-        decoder = diffusion.decoder_distribution(x_t, grid[0])
+        decoder = diffusion.decoder_distribution(x_t, diffusion.levels(grid[0], x_t))
         return pyro.sample(site_name(0), _event(decoder, event_dims), obs=x0)
 
 
@@ -515,13 +517,19 @@ def step_model(
                 on_decoder = levels.on_decoder.reshape((-1,) + (1,) * event_dims)
                 located = Prediction(torch.where(on_decoder, prediction.x0, x0), prediction.eps)
                 decoder = diffusion.decoder_distribution(
-                    x_t, levels.gamma_1, located, variance_output, detach_mean=detach_mean
+                    x_t,
+                    diffusion.levels(levels.gamma_1, x_t),
+                    located,
+                    variance_output,
+                    detach_mean=detach_mean,
                 )
                 with poutine.mask(mask=levels.on_decoder):
                     pyro.sample("x_0", _event(decoder, event_dims), obs=x0)
         if levels.on_decoder is None:
             x_1 = pyro.sample("x_1", _event(diffusion.marginal(x0, levels.gamma_1), event_dims))
-            decoder = diffusion.decoder_distribution(x_1, levels.gamma_1, detach_mean=detach_mean)
+            decoder = diffusion.decoder_distribution(
+                x_1, diffusion.levels(levels.gamma_1, x_1), detach_mean=detach_mean
+            )
             pyro.sample("x_0", _event(decoder, event_dims), obs=x0)
     return x0
 

@@ -32,7 +32,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from . import chains
-from .decoders import DECODERS, DiscretizedGaussian
+from .decoders import DECODERS, DiscretizedGaussian, LevelWeightedGaussian
 from .parameterization import (
     MEANS,
     VARIANCES,
@@ -131,6 +131,11 @@ class Diffusion(nn.Module):
             interpolation between β_1 and β̃_2).
         num_levels: K for K-level data in [−1, 1] (a discretized decoder: 256 for 8-bit
             images, 17 for scikit-learn's digits); None (default) for a Gaussian decoder.
+        level_prior: with ``num_levels``: reweight the discretized decoder's K bin masses by
+            learned logits, one row of K per dimension
+            (:class:`~pyro_diffusion.decoders.LevelWeightedGaussian`; zero at start, so the
+            decoder starts as the plain discretized one).  It learns which levels the data take
+            and how often, which the Gaussian cannot (8-bit data that use few levels).
         num_steps: the model's own grid size T (default: the schedule's native grid, else 1000).
         guide_order: default order of :meth:`guide`, ``"posterior"`` or ``"forward"``.
         name: the name of the parameters in Pyro's param store and the prefix of the plate
@@ -159,6 +164,7 @@ class Diffusion(nn.Module):
         variance: str = "small",
         decoder: str = "plain",
         num_levels: int | None = None,
+        level_prior: bool = False,
         num_steps: int | None = None,
         guide_order: str = "posterior",
         name: str = "diffusion",
@@ -183,6 +189,10 @@ class Diffusion(nn.Module):
             isinstance(num_levels, bool) or not isinstance(num_levels, int) or num_levels < 2
         ):
             raise ValueError(f"num_levels: expected None or an integer K >= 2, got {num_levels!r}")
+        if not isinstance(level_prior, bool):
+            raise ValueError(f"level_prior: expected True or False, got {level_prior!r}")
+        if level_prior and num_levels is None:
+            raise ValueError("level_prior: needs K-level data (num_levels), got num_levels=None")
         if not isinstance(name, str) or not name:
             raise ValueError(
                 f"name: expected a non-empty string (the param store's and the plate's prefix), got {name!r}"
@@ -200,6 +210,12 @@ class Diffusion(nn.Module):
         if num_steps is None:
             num_steps = schedule.num_steps or DEFAULT_NUM_STEPS
         check_num_steps(num_steps)
+        schedule_shape = getattr(schedule, "event_shape", None)
+        if schedule_shape is not None and tuple(schedule_shape) != tuple(event_shape):
+            raise ValueError(
+                f"schedule: a per-dimension schedule for event shape {tuple(schedule_shape)}, "
+                f"but event_shape is {tuple(event_shape)}"
+            )
         self.denoiser = denoiser
         self.schedule = schedule
         self.event_shape = event_shape
@@ -214,6 +230,9 @@ class Diffusion(nn.Module):
         self.autocast_dtype = autocast_dtype
         if decoder == "network":
             self.decoder_log_scale = nn.Parameter(torch.zeros(()))
+        self.level_prior = level_prior
+        if level_prior:
+            self.decoder_level_logits = nn.Parameter(torch.zeros(*event_shape, num_levels))
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -255,6 +274,7 @@ class Diffusion(nn.Module):
             "variance": self.variance,
             "decoder": self.decoder,
             "num_levels": self.num_levels,
+            "level_prior": self.level_prior,
             "schedule": type(self.schedule).__name__,
             "denoiser": type(self.denoiser).__name__,
         }
@@ -272,13 +292,44 @@ class Diffusion(nn.Module):
             return 0
         return check_num_steps(num_steps)
 
+    @property
+    def per_dimension(self) -> bool:
+        """Whether the schedule gives every dimension its own noise level (γ of shape
+        ``(*batch, *event_shape)``)."""
+        return getattr(self.schedule, "event_shape", None) is not None
+
+    def levels(self, gamma, like: torch.Tensor) -> torch.Tensor:
+        """Noise levels as a float64 tensor that broadcasts against ``like`` ``(*batch,
+        *event_shape)`` through :func:`~pyro_diffusion.parameterization.broadcast`: a scalar
+        stays a scalar, per-datum levels ``(*batch,)`` keep their shape; for a per-dimension
+        schedule, levels whose trailing dimensions are the event shape (``(*event_shape)`` or
+        ``(*batch, *event_shape)``) get leading 1s up to ``like``'s dimensions (so with
+        ``event_shape == (B,)`` a tensor ``(B,)`` is read as per-dimension)."""
+        gamma = _levels(gamma, like, self.event_dims)
+        if not self.per_dimension or gamma.dim() < self.event_dims or gamma.dim() == like.dim():
+            return gamma
+        if tuple(gamma.shape[gamma.dim() - self.event_dims :]) != tuple(self.event_shape):
+            return gamma
+        return gamma.reshape((1,) * (like.dim() - gamma.dim()) + tuple(gamma.shape))
+
+    def _reduce_level(self, gamma: torch.Tensor) -> torch.Tensor:
+        """A per-dimension γ ``(*batch, *event_shape)`` as one level per datum: the mean over
+        the dimensions (increasing in t, as every γ_d is); other levels unchanged."""
+        if not self.per_dimension or gamma.dim() < self.event_dims:
+            return gamma
+        if tuple(gamma.shape[gamma.dim() - self.event_dims :]) != tuple(self.event_shape):
+            return gamma
+        return gamma.mean(tuple(range(gamma.dim() - self.event_dims, gamma.dim())))
+
     # ------------------------------------------------------------------ the network
     def network_level(self, gamma: torch.Tensor) -> torch.Tensor:
-        """The noise level the network sees: γ, or γ − γ(0) + anchor."""
+        """The noise level the network sees: γ, or γ − γ(0) + anchor.  For a per-dimension
+        schedule, the mean of γ_d over the dimensions (and of γ_d(0) for the anchor)."""
+        gamma = self._reduce_level(gamma)
         if self.anchor is None:
             return gamma
         gamma0, _ = self.schedule.endpoints()
-        return gamma - gamma0.to(gamma.dtype) + self.anchor
+        return gamma - self._reduce_level(gamma0).to(gamma.dtype) + self.anchor
 
     def denoise(self, z: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the network at ``z`` ``(*batch, *event_shape)`` and levels ``gamma`` (a scalar or
@@ -316,27 +367,31 @@ class Diffusion(nn.Module):
         """The network's (x̂, ε̂) at ``z`` and level ``gamma`` (``gamma_s``: the lower level, needed
         for ``mean="mu"``), and its variance output (or None)."""
         output, variance_output = self.denoise(z, gamma)
-        gamma = _levels(gamma, z, self.event_dims)
+        gamma = self.levels(gamma, z)
         if self.mean == "mu":
             if gamma_s is None:
                 raise ValueError(
                     "mean: 'mu' predicts the mean of one discrete step; it has no continuous-time form"
                 )
-            return predict_from_mean(output, z, _levels(gamma_s, z, self.event_dims), gamma), variance_output
+            return predict_from_mean(output, z, self.levels(gamma_s, z), gamma), variance_output
         return predict(self.mean, output, z, gamma), variance_output
 
     # ------------------------------------------------------------------ the distributions
     def marginal(self, x0: torch.Tensor, gamma: torch.Tensor) -> chains.ForwardMarginal:
         """q(z | x_0) = N(α x_0, σ² I) at level ``gamma`` (scalar or per datum), batch-shaped."""
-        log_a2, log_s2 = alpha_sigma_log(_levels(gamma, x0, self.event_dims).to(torch.float64))
+        log_a2, log_s2 = alpha_sigma_log(self.levels(gamma, x0).to(torch.float64))
         alpha = broadcast(torch.exp(0.5 * log_a2), x0)
         sigma = broadcast(torch.exp(0.5 * log_s2), x0)
-        log_variance = log_s2 if log_s2.dim() == 0 else log_s2.reshape(log_s2.shape + (1,) * self.event_dims)
+        log_variance = (
+            log_s2
+            if log_s2.dim() in (0, x0.dim())  # a scalar, or per-dimension levels shaped like x0
+            else log_s2.reshape(log_s2.shape + (1,) * self.event_dims)
+        )
         return chains.ForwardMarginal(alpha * x0, sigma.expand_as(x0), log_variance)
 
     def noise_of(self, x0: torch.Tensor, z: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
         """ε = (z − α x_0)/σ, the noise that takes x_0 to z at level ``gamma``."""
-        log_a2, log_s2 = alpha_sigma_log(_levels(gamma, z, self.event_dims).to(torch.float64))
+        log_a2, log_s2 = alpha_sigma_log(self.levels(gamma, z).to(torch.float64))
         return (z - broadcast(torch.exp(0.5 * log_a2), z) * x0) / broadcast(torch.exp(0.5 * log_s2), z)
 
     def forward_step(
@@ -345,7 +400,7 @@ class Diffusion(nn.Module):
         """q(z_s | z_t, x_0), batch-shaped, for levels γ_s < γ_t (scalars or per datum);
         ``coefficients``: the step's :func:`~pyro_diffusion.parameterization.step_coefficients`
         when already computed."""
-        gamma_s, gamma_t = _levels(gamma_s, z_t, self.event_dims), _levels(gamma_t, z_t, self.event_dims)
+        gamma_s, gamma_t = self.levels(gamma_s, z_t), self.levels(gamma_t, z_t)
         coef = coefficients if coefficients is not None else step_coefficients(gamma_s, gamma_t, z_t)
         if eps is None:
             eps = self.noise_of(x0, z_t, gamma_t)
@@ -355,8 +410,8 @@ class Diffusion(nn.Module):
     def forward_transition(self, z_prev, gamma_prev, gamma_t) -> chains.ForwardTransition:
         """q(z_t | z_prev) = N(α_t/α_prev · z_prev, c σ_t²), the forward-order kernel."""
         gamma_prev, gamma_t = (
-            _levels(gamma_prev, z_prev, self.event_dims),
-            _levels(gamma_t, z_prev, self.event_dims),
+            self.levels(gamma_prev, z_prev),
+            self.levels(gamma_t, z_prev),
         )
         coef = step_coefficients(gamma_prev, gamma_t, z_prev)
         log_a2_p, _ = alpha_sigma_log(gamma_prev.to(torch.float64))
@@ -380,7 +435,7 @@ class Diffusion(nn.Module):
         if prediction is None:
             prediction = self.predict(z_t, gamma_t, gamma_s)
         estimate, variance_output = prediction
-        gamma_s, gamma_t = _levels(gamma_s, z_t, self.event_dims), _levels(gamma_t, z_t, self.event_dims)
+        gamma_s, gamma_t = self.levels(gamma_s, z_t), self.levels(gamma_t, z_t)
         coef = coefficients if coefficients is not None else step_coefficients(gamma_s, gamma_t, z_t)
         x0_hat, eps_hat = estimate
         if detach_mean:
@@ -426,6 +481,8 @@ class Diffusion(nn.Module):
         scale = torch.exp(0.5 * log_var).expand_as(z_1)
         if self.num_levels is None:
             return dist.Normal(loc, scale)
+        if self.level_prior:
+            return LevelWeightedGaussian(loc, scale, self.num_levels, self.decoder_level_logits)
         return DiscretizedGaussian(loc, scale, self.num_levels)
 
     def _ddpm_decoder_log_variance(self) -> torch.Tensor:

@@ -49,7 +49,8 @@ class Prediction(NamedTuple):
 
 def broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Per-datum values ``(B,)`` (or a scalar) shaped to broadcast against ``(B, *event)``, in
-    ``like``'s dtype."""
+    ``like``'s dtype; values with as many dimensions as ``like`` (a per-dimension schedule's
+    levels, shaped by :meth:`~pyro_diffusion.diffusion.Diffusion.levels`) are used as they are."""
     values = values.to(like.dtype)
     if values.dim() == 0:
         return values

@@ -31,12 +31,25 @@ from .schedules import check_num_steps
 __all__ = ["SAMPLERS", "ancestral", "ddim", "sample", "check_grid"]
 
 
-def check_grid(gammas: torch.Tensor) -> torch.Tensor:
-    """``gammas`` as a strictly increasing float64 1-D tensor, or a ValueError.  The values are
+def check_grid(gammas: torch.Tensor, event_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``gammas`` as a strictly increasing float64 1-D tensor (``(K, *event_shape)`` for a
+    per-dimension schedule's ``event_shape``, increasing along dim 0 in every dimension), or
+    a ValueError.  The values are
     read (finite, increasing) on the CPU, and on a GPU only with Pyro's validation on, so that a
     sampling call need not wait for the device."""
-    if not isinstance(gammas, torch.Tensor) or gammas.dim() != 1 or gammas.numel() < 1:
-        raise ValueError(f"gammas: expected a non-empty 1-D tensor of noise levels, got {gammas!r:.80}")
+    if event_shape is None:
+        if not isinstance(gammas, torch.Tensor) or gammas.dim() != 1 or gammas.numel() < 1:
+            raise ValueError(f"gammas: expected a non-empty 1-D tensor of noise levels, got {gammas!r:.80}")
+    elif (
+        not isinstance(gammas, torch.Tensor)
+        or gammas.dim() != 1 + len(event_shape)
+        or tuple(gammas.shape[1:]) != tuple(event_shape)
+        or gammas.numel() < 1
+    ):
+        raise ValueError(
+            f"gammas: expected per-dimension noise levels of shape (K, {', '.join(map(str, event_shape))}), "
+            f"got {gammas!r:.80}"
+        )
     gammas = gammas.detach().to(torch.float64)
     if gammas.device.type != "cpu" and not is_validation_enabled():
         return gammas
@@ -45,15 +58,22 @@ def check_grid(gammas: torch.Tensor) -> torch.Tensor:
     return gammas
 
 
+def _levels(diffusion, gamma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``gamma`` shaped against ``x`` (per-dimension levels get leading 1s)."""
+    levels = getattr(diffusion, "levels", None)
+    return levels(gamma, x) if levels is not None else gamma
+
+
 def _finish(diffusion, x, gamma_1, denoise_last: bool):
-    decoder = diffusion.decoder_distribution(x, gamma_1)
+    decoder = diffusion.decoder_distribution(x, _levels(diffusion, gamma_1, x))
     if not denoise_last:
         return decoder.sample()
     return decoder.mean_level() if isinstance(decoder, DiscretizedGaussian) else decoder.loc
 
 
 def _walk(diffusion, x, gammas, step_fn: Callable, callback, progress, denoise_last, desc):
-    gammas = check_grid(gammas).to(x.device)
+    per_dimension = getattr(diffusion, "per_dimension", False)
+    gammas = check_grid(gammas, tuple(diffusion.event_shape) if per_dimension else None).to(x.device)
     K = gammas.shape[0]
     for k in tqdm(range(K, 1, -1), desc=desc, disable=not progress, leave=False):
         x, x0_hat = step_fn(x, gammas[k - 2], gammas[k - 1])
@@ -101,6 +121,7 @@ def ddim(
 
     def step(x, gamma_s, gamma_t):
         prediction, _ = diffusion.predict(x, gamma_t, gamma_s)
+        gamma_s, gamma_t = _levels(diffusion, gamma_s, x), _levels(diffusion, gamma_t, x)
         coef = step_coefficients(gamma_s, gamma_t, x)
         log_a2_s, log_s2_s = alpha_sigma_log(gamma_s)
         alpha_s = broadcast(torch.exp(0.5 * log_a2_s), x)

@@ -24,6 +24,9 @@ Schedules:
 * :class:`CosineGamma` — γ = 2 log tan θ with θ linear in t (Improved DDPM's cosine form
   between finite endpoints).
 * :class:`LearnedGamma` — learnable endpoints and a monotone network for the shape (VDM).
+* :class:`MultivariateLearnedGamma` — one learned γ_d(t) per data dimension (a diagonal
+  forward process, MuLAN-style): per-dimension endpoints and a per-dimension monotone
+  piecewise-linear shape; its γ has shape ``(B, *event_shape)``.
 
 :data:`SCHEDULES` maps names to constructors ``(num_steps, **options) -> Schedule``.
 """
@@ -46,6 +49,7 @@ __all__ = [
     "LinearGamma",
     "CosineGamma",
     "LearnedGamma",
+    "MultivariateLearnedGamma",
     "SCHEDULES",
     "alpha_sigma",
     "check_num_steps",
@@ -53,7 +57,8 @@ __all__ = [
 
 
 class GammaAt(NamedTuple):
-    """γ(t) and γ'(t) (float64, shape ``(B,)``) and the schedule's shape outputs at t."""
+    """γ(t) and γ'(t) (float64, shape ``(B,)``, or ``(B, *event_shape)`` for a per-dimension
+    schedule) and the schedule's shape outputs at t."""
 
     gamma: torch.Tensor
     derivative: torch.Tensor
@@ -99,6 +104,9 @@ class Schedule(nn.Module):
 
     #: the size of the native grid (tabulated schedules), None for functions of time
     num_steps: int | None = None
+    #: None for a scalar schedule (one γ(t) for every dimension); the data's event shape for a
+    #: per-dimension schedule, whose γ(t) and grids carry it as trailing dimensions
+    event_shape: tuple[int, ...] | None = None
 
     def forward(self, t: torch.Tensor) -> GammaAt:
         return self.evaluate(_check_times(t))
@@ -125,6 +133,12 @@ class Schedule(nn.Module):
         values = self.gamma(torch.linspace(0.0, 1.0, 2, dtype=torch.float64, device=self._device()))
         return values[0], values[1]
 
+    def endpoint_levels(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(γ(0), γ(1)) shaped like the schedule's levels: :meth:`endpoints` for a scalar
+        schedule, two ``event_shape`` tensors for a per-dimension one (the decoder's and the
+        prior's levels in continuous time)."""
+        return self.endpoints()
+
     def grid_times(self, num_steps: int) -> torch.Tensor:
         """The times of a T-level grid, ``(k − 1)/(T − 1)`` for k = 1..T (T = 1: time 0)."""
         check_num_steps(num_steps)
@@ -133,8 +147,9 @@ class Schedule(nn.Module):
         return torch.linspace(0.0, 1.0, num_steps, dtype=torch.float64, device=self._device())
 
     def grid(self, num_steps: int | None = None) -> torch.Tensor:
-        """The noise levels γ_1 < … < γ_T of a T-level grid (float64, ``(T,)``, differentiable
-        for learned schedules); ``None`` means the native grid."""
+        """The noise levels γ_1 < … < γ_T of a T-level grid (float64, ``(T,)``, or
+        ``(T, *event_shape)`` for a per-dimension schedule; differentiable for learned
+        schedules); ``None`` means the native grid."""
         if num_steps is None:
             if self.num_steps is None:
                 raise ValueError(
@@ -442,6 +457,116 @@ class LearnedGamma(Schedule):
         )
 
 
+class MultivariateLearnedGamma(Schedule):
+    r"""A learned noise level per data dimension: γ_d(t) = γ_min,d + (γ_max,d − γ_min,d) · ŝ_d(t).
+
+    The forward process becomes a diagonal Gaussian whose every coordinate has its own
+    schedule (the forward process as a learned approximate posterior, as in MuLAN; here not
+    conditioned on the data).  Each dimension d has its own endpoints ``gamma_min[d] = γ_d(0)``
+    and ``gamma_max[d] = γ_d(1)`` and its own monotone shape ŝ_d, piecewise linear on ``bins``
+    equal bins of [0, 1] with slopes ∝ exp(r_{d,k}):
+
+        ŝ_d(t) = (C_{d,k} + (t − k/K) w_{d,k}) / C_{d,K},   w = exp(r),  C_{d,k} = Σ_{j<k} w_{d,j}/K,
+
+    for t in bin k, so ŝ_d(0) = 0, ŝ_d(1) = 1, ŝ_d' = w_{d,k}/C_{d,K} > 0 (every γ_d strictly
+    increasing whenever γ_max,d > γ_min,d), with γ_d'(t) in closed form.  With r = 0 and
+    equal endpoints (the initial state) it is :class:`LinearGamma` ``(gamma_min, gamma_max)``
+    exactly, in every dimension.
+
+    ``schedule(t)`` for times ``(B,)`` returns γ and γ' of shape ``(B, *event_shape)``;
+    ``grid(T)`` is ``(T, *event_shape)``, ``endpoint_levels()`` two ``event_shape`` tensors and
+    ``endpoints()`` their means over the dimensions (scalars, as for every schedule).  It
+    has no shape outputs: unlike a scalar schedule's, the continuous-time bound of a
+    per-dimension schedule depends on its shape (``docs/derivation.md``), so the shape is
+    trained by the bound's own gradient.
+
+    Args:
+        event_shape: the shape of one datum, e.g. ``(2,)`` or ``(1, 8, 8)``.
+        gamma_min, gamma_max: initial endpoints (the same for every dimension).
+        bins: number of linear pieces K of each dimension's shape.
+        learn_shape: train the shapes (else each stays linear and only the endpoints learn).
+        learn_endpoints: train the per-dimension endpoints.
+    """
+
+    def __init__(
+        self,
+        event_shape,
+        gamma_min: float = -10.0,
+        gamma_max: float = 6.0,
+        bins: int = 16,
+        learn_shape: bool = True,
+        learn_endpoints: bool = True,
+    ) -> None:
+        super().__init__()
+        try:
+            shape = tuple(int(d) for d in ((event_shape,) if isinstance(event_shape, int) else event_shape))
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"event_shape: expected a tuple of ints, got {event_shape!r}") from error
+        if not shape or any(d < 1 for d in shape):
+            raise ValueError(
+                f"event_shape: expected a non-empty shape of positive sizes, got {event_shape!r}"
+            )
+        gamma_min, gamma_max = _check_endpoints(gamma_min, gamma_max)
+        check_num_steps(bins, "bins")
+        self.event_shape = shape
+        self.initial_endpoints = (gamma_min, gamma_max)
+        self.gamma_min = nn.Parameter(torch.full(shape, gamma_min, dtype=torch.float64))
+        self.gamma_max = nn.Parameter(torch.full(shape, gamma_max, dtype=torch.float64))
+        self.log_slopes = nn.Parameter(torch.zeros((*shape, bins), dtype=torch.float64))
+        self.gamma_min.requires_grad_(learn_endpoints)
+        self.gamma_max.requires_grad_(learn_endpoints)
+        self.log_slopes.requires_grad_(learn_shape)
+
+    @property
+    def bins(self) -> int:
+        return self.log_slopes.shape[-1]
+
+    def shape(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ŝ(t), ŝ'(t)), each ``(B, *event_shape)``, for float64 times ``(B,)``."""
+        K = self.bins
+        w = torch.exp(self.log_slopes.double())  # (*E, K)
+        cumulative = torch.cumsum(w, -1) / K  # C_{d,k+1}
+        total = cumulative[..., -1:]  # C_{d,K}
+        below = torch.cat([torch.zeros_like(total), cumulative[..., :-1]], -1)  # C_{d,k}
+        k = torch.clamp((t * K).floor(), 0, K - 1)
+        index = k.long()
+        w_k = w[..., index].movedim(-1, 0)  # (B, *E)
+        below_k = below[..., index].movedim(-1, 0)
+        start = (k / K).reshape((-1,) + (1,) * len(self.event_shape))
+        t = t.reshape(start.shape)
+        # C_k − (k/K) w_k + t w_k: exactly t when every w is 1
+        s = (below_k - start * w_k + t * w_k) / total[..., 0]
+        return s, w_k / total[..., 0]
+
+    def evaluate(self, t):
+        gamma_min, gamma_max = self.gamma_min.double(), self.gamma_max.double()
+        width = gamma_max - gamma_min
+        if not bool((width > 0).all()):
+            raise RuntimeError(
+                "MultivariateLearnedGamma: gamma_min has reached gamma_max in some dimension "
+                f"(smallest width {width.min().item():.4g}); lower the learning rate of the endpoints"
+            )
+        s, ds = self.shape(t)
+        return GammaAt(gamma_min + width * s, width * ds)
+
+    def endpoints(self):
+        """(γ̄(0), γ̄(1)): the means over the dimensions (scalars, the levels the network sees at
+        the two ends); :meth:`endpoint_levels` gives the per-dimension ones."""
+        low, high = self.endpoint_levels()
+        return low.mean(), high.mean()
+
+    def endpoint_levels(self):
+        values = self.gamma(torch.linspace(0.0, 1.0, 2, dtype=torch.float64, device=self._device()))
+        return values[0], values[1]
+
+    def extra_repr(self) -> str:
+        return (
+            f"event_shape={self.event_shape}, gamma_min ∈ [{self.gamma_min.min().item():.4g}, "
+            f"{self.gamma_min.max().item():.4g}], gamma_max ∈ [{self.gamma_max.min().item():.4g}, "
+            f"{self.gamma_max.max().item():.4g}], bins={self.bins}"
+        )
+
+
 # ---------------------------------------------------------------------------- registry
 def _linear(num_steps: int, beta_start: float | None = None, beta_end: float | None = None, **_) -> Schedule:
     return NoiseSchedule.linear(num_steps, beta_start, beta_end)
@@ -479,6 +604,21 @@ def _learned(
     return LearnedGamma(gamma_min, gamma_max, hidden=hidden, learn_shape=learn_shape)
 
 
+def _learned_multivariate(
+    num_steps: int,
+    event_shape=None,
+    gamma_min: float = -10.0,
+    gamma_max: float = 6.0,
+    learn_shape: bool = True,
+    hidden: int = 16,
+    **_,
+) -> Schedule:
+    """:class:`MultivariateLearnedGamma` on ``event_shape`` (required); ``hidden``: its bins."""
+    if event_shape is None:
+        raise ValueError("event_shape: the 'learned-multivariate' schedule needs the data's event shape")
+    return MultivariateLearnedGamma(event_shape, gamma_min, gamma_max, bins=hidden, learn_shape=learn_shape)
+
+
 #: name → ``(num_steps, **options) -> Schedule``; options a constructor does not use are ignored
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "linear": _linear,
@@ -487,4 +627,5 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "gamma-linear": _gamma_linear,
     "gamma-cosine": _gamma_cosine,
     "learned": _learned,
+    "learned-multivariate": _learned_multivariate,
 }

@@ -1,0 +1,272 @@
+r"""Test likelihood on the digits, 17-level (``digits``) and 8-bit (``digits8``), against the
+two baselines, over seeds, paired per image.
+
+Every configuration is a :class:`~pyro_diffusion.training.TrainConfig` (so each run is one
+``pyro-diffusion train`` command: :func:`config_for` and ``TrainConfig.flags()``), trained by
+the package's engine through :func:`~pyro_diffusion.training.fit` into
+``OUT/<data>/<name>/seed<S>`` (a run directory that ``load_model`` reloads), and measured on
+the test split with the continuous-time bound (``eval_times`` draws per image, the same
+draws for every configuration).  Where the bits go is measured too: the decoder term, the
+prior term, and the diffusion integral over the first tenth of t (the noise levels nearest
+the data) and over the rest.
+
+The baselines (:mod:`pyro_diffusion.baselines`) have their pseudo-counts chosen on the same
+200 held-out training images the diffusions select their checkpoints on
+(:func:`~pyro_diffusion.baselines.tune_baselines`), then are refitted on the whole training
+split.  The test split selects nothing.
+
+Command line::
+
+    python -m pyro_diffusion.experiments.likelihood --data digits8 --configs best --seeds 0 1 2 \
+        --out runs/likelihood
+    python -m pyro_diffusion.experiments.likelihood --data digits8 --summary --out runs/likelihood
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .. import runs as run_files
+from ..bound import continuous_terms, decoder_term, prior_term
+from ..data import load_dataset
+from ..training import TrainConfig, continuous_bound, fit, split_validation
+from .schedule_study import RECIPES, paired_over_seeds, study_config
+
+__all__ = ["CONFIGS", "config_for", "run_one", "run", "baselines", "summarize", "main"]
+
+NATS_TO_BITS = 1 / math.log(2)
+
+# The schedule study's best recipe (learned shape on the validation-chosen endpoints [−2, 4],
+# network decoder, validation selection every 250 of 8,000 steps, EMA 0.999, weight decay 1)
+# and the changes measured against it.  Every name maps to TrainConfig overrides.
+CONFIGS: dict[str, dict] = {
+    "recipe": {},
+    "level-prior": {"level_prior": True},
+    "level-prior-wide": {"level_prior": True, "hidden": 256, "depth": 3, "dropout": 0.1},
+    "level-prior-fourier": {"level_prior": True, "fourier_min": 2, "fourier_max": 5},
+    "level-prior-no-ema": {"level_prior": True, "ema": 0.0},
+    "level-prior-no-wd": {"level_prior": True, "weight_decay": 0.0},
+    "level-prior-uniform-t": {"level_prior": True, "times": "uniform"},
+    "multivariate": {
+        "level_prior": True,
+        "schedule": "learned-multivariate",
+        "schedule_hidden": None,
+        "freeze_endpoints": False,
+    },
+    "multivariate-shape": {"level_prior": True, "schedule": "learned-multivariate", "schedule_hidden": None},
+}
+
+_RECIPE = {k: v for k, v in RECIPES["regularized"].items() if k not in ("eval_times", "tuned")}
+
+
+def config_for(name: str, data: str = "digits", seed: int = 0, **overrides) -> TrainConfig:
+    """The :class:`~pyro_diffusion.training.TrainConfig` of configuration ``name`` (a key of
+    :data:`CONFIGS`) on ``data``, seed ``seed``; ``overrides`` change further fields."""
+    if name not in CONFIGS:
+        raise ValueError(f"name: expected one of {sorted(CONFIGS)}, got {name!r}")
+    base = study_config("learned-shape", data=data, seed=seed, tuned=RECIPES["regularized"]["tuned"], **_RECIPE)
+    return dataclasses.replace(base, **{**CONFIGS[name], **overrides})
+
+
+def _where_the_bits_go(diffusion, test: torch.Tensor, draws: int = 32, split: float = 0.1) -> dict:
+    """Decoder, prior, and the diffusion integral over t ∈ [0, split] and [split, 1], in
+    bits/dim (test means; the diffusion parts from ``draws`` uniform times per image in each
+    range, seeded)."""
+    D = test[0].numel()
+    out = {}
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(2025)
+        decoder = torch.stack([decoder_term(diffusion, test) for _ in range(draws)]).mean(0)
+        out["decoder_bpd"] = decoder.mean().item() * NATS_TO_BITS / D
+        out["prior_bpd"] = prior_term(diffusion, test).mean().item() * NATS_TO_BITS / D
+        for key, low, high in (("first_bpd", 0.0, split), ("rest_bpd", split, 1.0)):
+            values = []
+            for _ in range(draws):
+                t = low + (high - low) * torch.rand(test.shape[0], dtype=torch.float64)
+                values.append(continuous_terms(diffusion, test, t)[0] * (high - low))
+            out[key] = torch.stack(values).mean().item() * NATS_TO_BITS / D
+    out["split_t"] = split
+    return out
+
+
+def run_one(config: TrainConfig, out: str | Path, *, eval_times: int = 1000, name: str = "") -> dict:
+    """Train ``config`` into the run directory ``out`` and evaluate it on the test split;
+    writes and returns ``out/result.json`` (per-image test bounds for paired comparisons)."""
+    out = Path(out)
+    start = time.time()
+    fitted = fit(config, out=out)
+    seconds = time.time() - start
+    diffusion, dataset = fitted.diffusion, fitted.dataset
+    diffusion.eval()
+    test = dataset.test.to(diffusion.device)
+    estimate = continuous_bound(diffusion, test, num_times=eval_times)
+    value, se = estimate.dataset_mean()
+    result = {
+        "config": name,
+        "data": config.data,
+        "seed": config.seed,
+        "flags": config.flags(),
+        "steps": config.steps,
+        "train_seconds": seconds,
+        "test_bpd_continuous": value,
+        "test_bpd_continuous_se": se,
+        "estimator_variance_bpd2": estimate.variance.mean().item(),
+        "eval_times": eval_times,
+        "test_per_image_bpd": estimate.mean.tolist(),
+        "test_per_image_se": estimate.standard_error.tolist(),
+        "best_step": fitted.engine.best["step"] if fitted.engine.best else None,
+        "val_bpd": fitted.engine.best["value"] if fitted.engine.best else None,
+        "gamma_endpoints": [g.item() for g in diffusion.schedule.endpoints()],
+    }
+    result.update(_where_the_bits_go(diffusion, test))
+    run_files.write_json(result, out / "result.json")
+    return result
+
+
+def run(
+    data: str,
+    names: Sequence[str],
+    seeds: Sequence[int],
+    out: str | Path,
+    *,
+    eval_times: int = 1000,
+    overrides: dict | None = None,
+) -> list[dict]:
+    """:func:`run_one` for every configuration and seed, into ``out/<data>/<name>/seed<S>``;
+    runs whose ``result.json`` exists are read, not retrained."""
+    results = []
+    for name in names:
+        for seed in seeds:
+            folder = Path(out) / data / name / f"seed{seed}"
+            if (folder / "result.json").exists():
+                results.append(run_files.read_json(folder / "result.json"))
+                continue
+            config = config_for(name, data=data, seed=seed, **(overrides or {}))
+            result = run_one(config, folder, eval_times=eval_times, name=name)
+            print(
+                f"{data} {name} seed {seed}: {result['test_bpd_continuous']:.4f} ± "
+                f"{result['test_bpd_continuous_se']:.4f} bits/dim ({result['train_seconds']:.0f} s)",
+                flush=True,
+            )
+            results.append(result)
+    return results
+
+
+def baselines(data: str, out: str | Path | None = None) -> dict:
+    """Both baselines on ``data`` with validation-chosen pseudo-counts: their settings,
+    test bits/dim and per-image bits/dim (``per_image_bpd``); cached in
+    ``out/<data>/baselines.json``."""
+    from ..baselines import CategoricalMixture, PixelCategorical, tune_baselines
+
+    path = None if out is None else Path(out) / data / "baselines.json"
+    if path is not None and path.exists():
+        return run_files.read_json(path)
+    dataset = load_dataset(data)
+    # the diffusions' validation split (the same 200 images), so the test split selects nothing
+    fit_x, val_x = split_validation(dataset.train, 200, seed=0)
+    tuning = dataclasses.replace(dataset, train=torch.cat([fit_x, val_x]))
+    settings = tune_baselines(tuning, val_size=200)
+    D = dataset.test[0].numel()
+    values = {}
+    for name, model in (
+        ("pixel_categorical", PixelCategorical(dataset.num_levels, **_options(settings, "pixel_categorical"))),
+        (
+            "categorical_mixture",
+            CategoricalMixture(dataset.num_levels, 50, **_options(settings, "categorical_mixture")),
+        ),
+    ):
+        model.fit(dataset.train)
+        per_image = (-model.log_prob(dataset.test) / (D * math.log(2))).to(torch.float64)
+        values[name] = {
+            **settings[name],
+            "bits_per_dim": per_image.mean().item(),
+            "bits_per_dim_se": (per_image.std() / math.sqrt(per_image.numel())).item(),
+            "per_image_bpd": per_image.tolist(),
+        }
+    if path is not None:
+        run_files.write_json(values, path)
+    return values
+
+
+def _options(settings: dict, name: str) -> dict:
+    return {k: settings[name][k] for k in ("alpha", "prior")}
+
+
+def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
+    t = torch.tensor(list(values), dtype=torch.float64)
+    return t.mean().item(), (t.std().item() if t.numel() > 1 else float("nan"))
+
+
+def summarize(data: str, out: str | Path, names: Sequence[str] | None = None) -> str:
+    """A Markdown table of every configuration found under ``out/<data>``: test bits/dim over
+    seeds, where the bits go, the estimator variance, and the paired difference against the
+    mixture of categoricals (per image, seed means; standard errors over images and seeds)."""
+    root = Path(out) / data
+    names = names or sorted(p.name for p in root.iterdir() if p.is_dir())
+    base = baselines(data, out)
+    mixture = base["categorical_mixture"]
+    mixture_as_result = [{"seed": 0, "test_per_image_bpd": mixture["per_image_bpd"]}]
+    lines = [
+        f"| {data} configuration | seeds | test bits/dim, mean ± sd over seeds | decoder | prior | "
+        "diffusion t < 0.1 | diffusion t ≥ 0.1 | estimator variance (bits/dim)² | − mixture (se images / se seeds) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        results = [run_files.read_json(p) for p in sorted((root / name).glob("seed*/result.json"))]
+        if not results:
+            continue
+        seeds = [r["seed"] for r in results]
+        mean, sd = _mean_sd(r["test_bpd_continuous"] for r in results)
+        parts = [_mean_sd(r[k] for r in results)[0] for k in ("decoder_bpd", "prior_bpd", "first_bpd", "rest_bpd")]
+        variance = _mean_sd(r["estimator_variance_bpd2"] for r in results)[0]
+        paired = paired_over_seeds(results, [dict(m, seed=s) for s in seeds for m in mixture_as_result])
+        lines.append(
+            f"| {name} | {len(seeds)} | {mean:.4f} ± {sd:.4f} | "
+            + " | ".join(f"{p:.4f}" for p in parts)
+            + f" | {variance:.3f} | {paired['difference']:+.4f} ({paired['se_images']:.4f} / {paired['se_seeds']:.4f}) |"
+        )
+    for key, label in (("pixel_categorical", "per-pixel categorical"), ("categorical_mixture", "mixture of 50 categoricals")):
+        b = base[key]
+        lines.append(
+            f"| {label} (α = {b['alpha']:g}, {b['prior']} prior) | – | {b['bits_per_dim']:.4f} ± "
+            f"{b['bits_per_dim_se']:.4f} (se) | | | | | | |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pyro_diffusion.experiments.likelihood", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--data", choices=("digits", "digits8"), default="digits8")
+    parser.add_argument("--configs", nargs="+", default=["level-prior"], help=f"of {sorted(CONFIGS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the recipe's 8000)")
+    parser.add_argument("--eval-times", type=int, default=1000, help="draws per test image of the test bound")
+    parser.add_argument("--out", default="runs/likelihood")
+    parser.add_argument("--summary", action="store_true", help="only print the table of what is under --out")
+    args = parser.parse_args(argv)
+    for name in args.configs:
+        if name not in CONFIGS:
+            parser.error(f"--configs: expected names of {sorted(CONFIGS)}, got {name!r}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps: expected a positive integer, got {args.steps}")
+    if args.eval_times < 2:
+        parser.error(f"--eval-times: expected an integer >= 2, got {args.eval_times}")
+    if not args.summary:
+        overrides = {} if args.steps is None else {"steps": args.steps}
+        run(args.data, args.configs, args.seeds, args.out, eval_times=args.eval_times, overrides=overrides)
+    print(summarize(args.data, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
