@@ -180,3 +180,36 @@ def test_chain_guide_draws_the_core_forward_chain():
         torch.testing.assert_close(
             scoped.nodes[site_name(t, "a/")]["value"], core.nodes[site_name(t)]["value"]
         )
+
+
+def test_reparam_config_non_centres_only_the_chain_sites():
+    prior = DiffusionPrior(linear_diffusion())
+    config = prior.reparam_config("x")
+    assert sorted(config) == sorted(prior.site_names("x"))
+    assert all(isinstance(r, LocScaleReparam) for r in config.values())
+    with pyro.plate("draws", 5):
+        trace = poutine.trace(poutine.reparam(lambda: prior("x"), config=config)).get_trace()
+    latent = [n for n, s in trace.nodes.items() if s["type"] == "sample" and not s["is_observed"]]
+    assert latent == prior.decentered_site_names("x")
+    T = prior.num_steps
+    noise = {T - i: trace.nodes[n]["value"] for i, n in enumerate(latent)}
+    torch.testing.assert_close(prior.chain_from_noise(noise), trace.nodes["x/x_0"]["value"])
+    with pytest.raises(ValueError, match="name"):
+        prior.reparam_config("")
+    with pytest.raises(ValueError, match="centered"):
+        prior.reparam_config("x", centered=2.0)
+
+
+def test_a_config_callable_that_reparameterizes_the_noise_again_is_refused():
+    """Pyro would recurse forever (x_k_decentered_decentered_…); the prior raises at once."""
+    prior = DiffusionPrior(linear_diffusion())
+    everything = poutine.reparam(lambda: prior("x"), config=lambda site: LocScaleReparam(centered=0.0))
+    with pytest.raises(ValueError, match=r"config: .*'x/x_5_decentered' again.*_decentered"):
+        poutine.trace(everything).get_trace()
+    # a callable that skips the new sites is fine, and equals the dict config
+    skipping = poutine.reparam(
+        lambda: prior("x"),
+        config=lambda site: None if site["name"].endswith("_decentered") else LocScaleReparam(centered=0.0),
+    )
+    trace = poutine.trace(skipping).get_trace()
+    assert prior.decentered_site_names("x")[-1] in trace.nodes

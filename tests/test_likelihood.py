@@ -82,7 +82,11 @@ def test_the_logits_learn_the_levels_the_data_take():
 def test_a_diffusion_with_a_level_prior_trains_its_logits_and_pyro_agrees_on_the_bound():
     torch.manual_seed(0)
     d = Diffusion(
-        MLPDenoiser(3, hidden=16, depth=1), LinearGamma(-5.0, 5.0), (3,), decoder="network", num_levels=17,
+        MLPDenoiser(3, hidden=16, depth=1),
+        LinearGamma(-5.0, 5.0),
+        (3,),
+        decoder="network",
+        num_levels=17,
         level_prior=True,
     ).double()
     assert d.decoder_level_logits.shape == (3, 17)
@@ -154,3 +158,35 @@ def test_baselines_choose_their_pseudo_counts_on_validation_and_the_pooled_prior
         tune_baselines(data, val_size=0)
     with pytest.raises(ValueError, match="prior"):
         PixelCategorical(17, prior="flat")
+
+
+def test_categorical_decoder_starts_as_the_level_prior_decoder_and_trains_its_head():
+    torch.manual_seed(0)
+    net = MLPDenoiser(3, hidden=16, depth=1)
+    a = Diffusion(net, LinearGamma(-2.0, 4.0), (3,), decoder="categorical", num_levels=17).double()
+    b = Diffusion(net, LinearGamma(-2.0, 4.0), (3,), decoder="network", num_levels=17, level_prior=True).double()
+    z = torch.randn(4, 3, dtype=torch.float64)
+    x = torch.round(torch.rand(4, 3, dtype=torch.float64) * 16) / 8 - 1
+    gamma = torch.full((4,), -2.0, dtype=torch.float64)
+    pa = a.decoder_distribution(z, gamma).log_prob(x)
+    assert torch.allclose(pa, b.decoder_distribution(z, gamma).log_prob(x))
+    pa.sum().backward()
+    assert a.decoder_head.net[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="decoder"):
+        Diffusion(net, LinearGamma(-2.0, 4.0), (3,), decoder="categorical")
+
+
+def test_a_run_written_before_the_embedding_range_was_a_field_reloads_with_its_range(tmp_path):
+    from pyro_diffusion.runs import read_json, write_json
+    from pyro_diffusion.training import load_model, train
+
+    out = tmp_path / "run"
+    train(TrainConfig(data="digits", steps=2, batch_size=8, hidden=16, depth=1, progress=False), out, figures=False)
+    values = read_json(out / "config.json")
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    for name in ("embed_gamma_min", "embed_gamma_max"):  # as an earlier version wrote them
+        values.pop(name)
+        checkpoint["config"].pop(name)
+    write_json(values, out / "config.json")
+    torch.save(checkpoint, out / "checkpoint.pt")
+    assert load_model(out).denoiser.embedding.gamma_range == (-15.0, 15.0)

@@ -35,6 +35,14 @@ For data with a discretized decoder, ``decoder="gaussian"`` replaces the last st
 continuous relaxation (the Gaussian with the decoder's location and scale) so that x_0 is a
 continuous latent (needed by NUTS, SVI with reparameterized guides, and gradient-based
 samplers).
+
+**Non-centring.** NUTS mixes far better on the chain's standardized noises than on the x_k
+themselves.  ``poutine.reparam(model, config=prior.reparam_config("x"))`` applies Pyro's
+:class:`~pyro.infer.reparam.LocScaleReparam` (``centered=0``) to the sites ``x/x_K … x/x_0``
+only; each becomes a deterministic function of a new standard-normal site
+``x/x_k_decentered``.  A ``config`` *callable* that also answers the new
+``…_decentered`` sites would reparameterize them again, and again, without end: the prior
+refuses that with a ValueError naming the site instead of letting Pyro recurse.
 """
 
 from __future__ import annotations
@@ -44,13 +52,18 @@ import contextlib
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.infer.reparam import LocScaleReparam
+from pyro.poutine.messenger import Messenger
 
 from ..chains import site_name
 from ..decoders import DiscretizedGaussian
 from ..diffusion import Diffusion
 from ..schedules import check_num_steps
 
-__all__ = ["DiffusionPrior", "frozen", "check_diffusion", "inference_grid", "relaxed"]
+__all__ = ["DiffusionPrior", "frozen", "check_diffusion", "inference_grid", "relaxed", "DECENTERED"]
+
+#: the suffix Pyro's :class:`~pyro.infer.reparam.LocScaleReparam` gives the standardized site
+DECENTERED = "_decentered"
 
 
 @contextlib.contextmanager
@@ -98,6 +111,25 @@ def relaxed(decoder: dist.Distribution) -> dist.Distribution:
     return decoder
 
 
+class _RefuseRepeatedReparam(Messenger):
+    """Raises on a site of the prior that is reparameterized a second time (the name carries
+    the ``_decentered`` suffix twice): Pyro would otherwise recurse until the stack overflows."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def _pyro_sample(self, msg) -> None:
+        name = msg["name"]
+        if name.startswith(self.prefix) and name.endswith(2 * DECENTERED):
+            raise ValueError(
+                f"config: poutine.reparam reparameterized the prior's non-centred site "
+                f"{name[: -len(DECENTERED)]!r} again (Pyro would recurse forever); a config callable "
+                f"must return None for sites ending in {DECENTERED!r}, e.g. use "
+                f"config=prior.reparam_config({self.prefix[:-1]!r})"
+            )
+
+
 class DiffusionPrior:
     r"""A trained :class:`~pyro_diffusion.diffusion.Diffusion` as a prior over x_0 in any Pyro model.
 
@@ -121,7 +153,9 @@ class DiffusionPrior:
             sigma = pyro.sample("sigma", dist.HalfNormal(0.5))
             with pyro.plate("images", y.shape[0]):
                 x = prior("x")                     # sites x/x_50 … x/x_0, shape (n, 1, 8, 8)
-                pyro.sample("y", dist.Normal(x, sigma).to_event(3), obs=y)
+                # sigma[..., None, None, None]: a global site against x needs one None per
+                # event dimension, or the model does not vectorize (Predictive, az.from_pyro)
+                pyro.sample("y", dist.Normal(x, sigma[..., None, None, None]).to_event(3), obs=y)
     """
 
     def __init__(
@@ -169,6 +203,23 @@ class DiffusionPrior:
         """The sites the prior samples under ``name``, in order: x_K … x_1, x_0."""
         return [site_name(k, f"{name}/") for k in range(self.num_steps, -1, -1)]
 
+    def decentered_site_names(self, name: str) -> list[str]:
+        """The standardized sites ``{name}/x_K_decentered … {name}/x_0_decentered`` that
+        :meth:`reparam_config` creates (what NUTS samples after non-centring)."""
+        return [site + DECENTERED for site in self.site_names(name)]
+
+    def reparam_config(self, name: str, centered: float = 0.0) -> dict:
+        """A ``poutine.reparam`` config that non-centres the chain sampled under ``name``:
+        ``{site: LocScaleReparam(centered)}`` for the sites x_K … x_0 (``centered=0``: fully
+        non-centred, x_{k-1} = loc + scale · z with z ~ N(0, I)), and nothing else, so the
+        new ``…_decentered`` sites are left alone.  Merge it with the config of the user's
+        other sites (``{**prior.reparam_config("x"), "theta": ...}``)."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name: expected a non-empty string to scope the sites, got {name!r}")
+        if isinstance(centered, bool) or not isinstance(centered, (int, float)) or not 0 <= centered <= 1:
+            raise ValueError(f"centered: expected a number in [0, 1], got {centered!r}")
+        return {site: LocScaleReparam(centered=float(centered)) for site in self.site_names(name)}
+
     # ------------------------------------------------------------------ the steps
     def step_distribution(
         self, x_t: torch.Tensor, k: int, grid: torch.Tensor | None = None
@@ -208,7 +259,7 @@ class DiffusionPrior:
                 raise ValueError(
                     f"obs: expected trailing shape {tuple(d.event_shape)}, got {tuple(obs.shape)}"
                 )
-        with self._context():
+        with self._context(), _RefuseRepeatedReparam(f"{name}/"):
             grid = self.grid()
             K = grid.shape[0]
             zeros = torch.zeros(d.event_shape, dtype=dtype, device=d.device)
