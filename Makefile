@@ -20,7 +20,7 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	$(PY) examples/svi_2d.py --quick
-	$(VENV)/bin/pyro-diffusion compare --quick --data digits --out runs/demo --no-progress
+	$(PY) -m pyro_diffusion.experiments.likelihood --demo --data digits --out runs/demo
 
 test: install
 	$(PY) -m pytest -q

@@ -2,11 +2,8 @@
 
 :data:`DECODERS` names where the decoder is centred and how wide it is (see
 :class:`~pyro_diffusion.diffusion.Diffusion`): ``"plain"`` (z_1/α_1, scale σ_1/α_1, VDM's),
-``"network"`` (the network's x̂, scale σ_1/α_1 · e^s with s learned), ``"ddpm"`` (x̂, DDPM's
-clipped variance β̃_2) and, for K-level data, ``"categorical"`` (the ``"network"`` decoder's
-logits over the K levels plus free per-datum logits from a small network of z_1,
-:class:`LevelLogitsHead`, so that a pixel's distribution can be skewed or bimodal).  Its family
-is Gaussian, or for K-level data discretized.
+``"network"`` (the network's x̂, scale σ_1/α_1 · e^s with s learned) and ``"ddpm"`` (x̂, DDPM's
+clipped variance β̃_2).  Its family is Gaussian, or for K-level data discretized.
 
 The discretized decoder (DDPM) is for data taking K evenly spaced levels in
 [−1, 1]: the probability of level ``x`` is the Gaussian mass of the bin
@@ -25,12 +22,11 @@ import math
 
 import pyro.distributions as dist
 import torch
-from torch import nn
 from torch.distributions import constraints
 
-__all__ = ["DiscretizedGaussian", "LevelWeightedGaussian", "LevelLogitsHead", "DECODERS"]
+__all__ = ["DiscretizedGaussian", "LevelWeightedGaussian", "DECODERS"]
 
-DECODERS = ("plain", "network", "ddpm", "categorical")
+DECODERS = ("plain", "network", "ddpm")
 
 
 def _log_ndtr(x: torch.Tensor) -> torch.Tensor:
@@ -172,42 +168,3 @@ class LevelWeightedGaussian(DiscretizedGaussian):
     def mean_level(self) -> torch.Tensor:
         """The most probable level, a noiseless decoding."""
         return self.level_log_probs().argmax(-1).to(self.loc.dtype) / (self.num_levels - 1) * 2 - 1
-
-
-class LevelLogitsHead(nn.Module):
-    r"""Free logits over the K levels of every dimension, from the whole noisy datum.
-
-    ``head(z) = (MLP(z) reshaped (B, D, r)) @ V``, V a learned (r, K) basis shared by the
-    dimensions, r = min(K, ``rank``): for K = 17 a full table per dimension, for K = 256 a
-    rank-32 one.  The MLP's last layer starts at zero, so the head adds nothing at the start.
-
-    Args:
-        event_shape: shape of one datum.
-        num_levels: K.
-        hidden: width of the MLP's two hidden layers.
-        rank: the largest r.
-    """
-
-    def __init__(
-        self, event_shape: tuple[int, ...], num_levels: int, hidden: int = 256, rank: int = 32
-    ) -> None:
-        super().__init__()
-        self.event_shape = tuple(event_shape)
-        self.dim = math.prod(self.event_shape)
-        self.rank = min(num_levels, rank)
-        self.net = nn.Sequential(
-            nn.Linear(self.dim, hidden),
-            nn.SiLU(),
-            nn.Linear(hidden, hidden),
-            nn.SiLU(),
-            nn.Linear(hidden, self.dim * self.rank),
-        )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
-        self.basis = nn.Parameter(torch.randn(self.rank, num_levels) / math.sqrt(self.rank))
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        batch = z.shape[: z.dim() - len(self.event_shape)]
-        flat = z.reshape(-1, self.dim).to(self.basis.dtype)
-        coefficients = self.net(flat).reshape(-1, self.dim, self.rank)
-        return (coefficients @ self.basis).reshape(*batch, *self.event_shape, -1)

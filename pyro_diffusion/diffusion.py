@@ -32,7 +32,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from . import chains
-from .decoders import DECODERS, DiscretizedGaussian, LevelLogitsHead, LevelWeightedGaussian
+from .decoders import DECODERS, DiscretizedGaussian, LevelWeightedGaussian
 from .parameterization import (
     MEANS,
     VARIANCES,
@@ -128,10 +128,7 @@ class Diffusion(nn.Module):
             z_1/α_1 with scale σ_1/α_1, no network), ``"network"`` (centred at the network's
             x̂(z_1) with scale σ_1/α_1 · e^s, s a learned scalar) or ``"ddpm"`` (centred at x̂
             with DDPM's variance β̃_2 of the model's own grid; for ``variance="learned"`` the
-            interpolation between β_1 and β̃_2), or for K-level data ``"categorical"`` (the
-            ``"network"`` decoder's Gaussian-shaped logits over the K levels, plus the level
-            prior's, plus free logits from a small network of z_1/α_1,
-            :class:`~pyro_diffusion.decoders.LevelLogitsHead`; implies ``level_prior``).
+            interpolation between β_1 and β̃_2).
         num_levels: K for K-level data in [−1, 1] (a discretized decoder: 256 for 8-bit
             images, 17 for scikit-learn's digits); None (default) for a Gaussian decoder.
         level_prior: with ``num_levels``: reweight the discretized decoder's K bin masses by
@@ -194,9 +191,6 @@ class Diffusion(nn.Module):
             raise ValueError(f"num_levels: expected None or an integer K >= 2, got {num_levels!r}")
         if not isinstance(level_prior, bool):
             raise ValueError(f"level_prior: expected True or False, got {level_prior!r}")
-        if decoder == "categorical" and num_levels is None:
-            raise ValueError("decoder: 'categorical' needs K-level data (num_levels), got num_levels=None")
-        level_prior = level_prior or decoder == "categorical"
         if level_prior and num_levels is None:
             raise ValueError("level_prior: needs K-level data (num_levels), got num_levels=None")
         if not isinstance(name, str) or not name:
@@ -234,10 +228,8 @@ class Diffusion(nn.Module):
         self.name = name
         self.anchor = None if anchor is None else float(anchor)
         self.autocast_dtype = autocast_dtype
-        if decoder in ("network", "categorical"):
+        if decoder == "network":
             self.decoder_log_scale = nn.Parameter(torch.zeros(()))
-        if decoder == "categorical":
-            self.decoder_head = LevelLogitsHead(event_shape, num_levels)
         self.level_prior = level_prior
         if level_prior:
             self.decoder_level_logits = nn.Parameter(torch.zeros(*event_shape, num_levels))
@@ -477,7 +469,7 @@ class Diffusion(nn.Module):
                 # γ_0 = −∞ (x_0 itself) for mean="mu"; filled on the device, not copied to it
                 prediction, variance_output = self.predict(z_1, gamma_1, torch.full_like(gamma_1, -math.inf))
             loc = prediction.x0.detach() if detach_mean else prediction.x0
-            if self.decoder in ("network", "categorical"):
+            if self.decoder == "network":
                 log_var = broadcast(gamma_1, z_1) + 2 * self.decoder_log_scale.to(z_1.dtype)
             else:  # "ddpm": β̃_2 of the model's own grid, or the learned interpolation with β_1
                 log_small = self._ddpm_decoder_log_variance().to(z_1.dtype)
@@ -489,9 +481,6 @@ class Diffusion(nn.Module):
         scale = torch.exp(0.5 * log_var).expand_as(z_1)
         if self.num_levels is None:
             return dist.Normal(loc, scale)
-        if self.decoder == "categorical":
-            head = self.decoder_head(z_1 / broadcast(torch.exp(0.5 * log_a2), z_1))
-            return LevelWeightedGaussian(loc, scale, self.num_levels, self.decoder_level_logits + head)
         if self.level_prior:
             return LevelWeightedGaussian(loc, scale, self.num_levels, self.decoder_level_logits)
         return DiscretizedGaussian(loc, scale, self.num_levels)

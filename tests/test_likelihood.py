@@ -160,28 +160,16 @@ def test_baselines_choose_their_pseudo_counts_on_validation_and_the_pooled_prior
         PixelCategorical(17, prior="flat")
 
 
-def test_categorical_decoder_starts_as_the_level_prior_decoder_and_trains_its_head():
-    torch.manual_seed(0)
-    net = MLPDenoiser(3, hidden=16, depth=1)
-    a = Diffusion(net, LinearGamma(-2.0, 4.0), (3,), decoder="categorical", num_levels=17).double()
-    b = Diffusion(net, LinearGamma(-2.0, 4.0), (3,), decoder="network", num_levels=17, level_prior=True).double()
-    z = torch.randn(4, 3, dtype=torch.float64)
-    x = torch.round(torch.rand(4, 3, dtype=torch.float64) * 16) / 8 - 1
-    gamma = torch.full((4,), -2.0, dtype=torch.float64)
-    pa = a.decoder_distribution(z, gamma).log_prob(x)
-    assert torch.allclose(pa, b.decoder_distribution(z, gamma).log_prob(x))
-    pa.sum().backward()
-    assert a.decoder_head.net[-1].weight.grad.abs().sum() > 0
-    with pytest.raises(ValueError, match="decoder"):
-        Diffusion(net, LinearGamma(-2.0, 4.0), (3,), decoder="categorical")
-
-
 def test_a_run_written_before_the_embedding_range_was_a_field_reloads_with_its_range(tmp_path):
     from pyro_diffusion.runs import read_json, write_json
     from pyro_diffusion.training import load_model, train
 
     out = tmp_path / "run"
-    train(TrainConfig(data="digits", steps=2, batch_size=8, hidden=16, depth=1, progress=False), out, figures=False)
+    train(
+        TrainConfig(data="digits", steps=2, batch_size=8, hidden=16, depth=1, progress=False),
+        out,
+        figures=False,
+    )
     values = read_json(out / "config.json")
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     for name in ("embed_gamma_min", "embed_gamma_max"):  # as an earlier version wrote them
