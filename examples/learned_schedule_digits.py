@@ -7,6 +7,8 @@ per-pixel categorical and mixture-of-categoricals baselines) and figures.
 
     python examples/learned_schedule_digits.py --config learned,tuned --seed 0 --out runs/vdm
     python examples/learned_schedule_digits.py --config all --steps 300 --out runs/vdm_quick
+    python examples/learned_schedule_digits.py --quick   # one configuration, 200 steps (about 10 s)
+    python examples/learned_schedule_digits.py --plot-diagnosis runs/vdm_fix/diagnose --docs  # docs' figure
     python examples/learned_schedule_digits.py --summarize runs/vdm
     python examples/learned_schedule_digits.py --paired runs/vdm    # per-image vs the mixture
     python examples/learned_schedule_digits.py --versus runs/vdm learned-shape runs/vdm tuned  # paired, over seeds
@@ -394,7 +396,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("runs/learned_schedule"))
-    parser.add_argument("--progress", action="store_true")
+    parser.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: on)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 200 steps, 10 test draws per image, the T = 16 bound only (about 10 s on an idle "
+        "2-core machine)",
+    )
     parser.add_argument("--log-every", type=int, default=0, help="print the training loss every N steps")
     parser.add_argument("--summarize", type=Path, metavar="DIR", help="only summarize the results in DIR")
     parser.add_argument(
@@ -438,9 +448,23 @@ def main(argv=None) -> None:
         "--plot-diagnosis", type=Path, metavar="DIR", help="only plot the --diagnose runs in DIR to --figure"
     )
     parser.add_argument(
-        "--figure", type=Path, default=Path("docs/figures/learned_schedule_ema_diagnosis.png")
+        "--figure",
+        type=Path,
+        default=None,
+        help="with --plot-diagnosis: the figure (default --out/learned_schedule_ema_diagnosis.png, or the "
+        "docs' with --docs)",
+    )
+    parser.add_argument(
+        "--docs",
+        action="store_true",
+        help="with --plot-diagnosis: write the figure to docs/figures/learned_schedule_ema_diagnosis.png",
     )
     args = parser.parse_args(argv)
+    if args.figure is None:
+        folder = Path("docs/figures") if args.docs else args.out
+        args.figure = folder / "learned_schedule_ema_diagnosis.png"
+    if args.quick:
+        args.steps, args.eval_times, args.eval_steps = 200, 10, [16]
     if args.decoder == "denoiser":  # the earlier name of the network decoder
         args.decoder = "network"
     torch.set_num_threads(args.threads)

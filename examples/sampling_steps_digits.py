@@ -1,7 +1,7 @@
 """Sample quality against the number of sampling steps, for a model trained on the full ELBO
 and one trained on L_simple, on scikit-learn's 8×8 digits.
 
-    python examples/sampling_steps_digits.py --quick     # under a minute on one CPU core
+    python examples/sampling_steps_digits.py --quick     # about 20 s on one CPU core
     python examples/sampling_steps_digits.py             # the results page (docs/results.md)
     python examples/sampling_steps_digits.py --docs      # also copy the figure to docs/figures/
 
@@ -257,7 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--quick", action="store_true", help="a small network, 600 steps, 2 seeds, K in 10 100 1000"
+        "--quick",
+        action="store_true",
+        help="a small network, 600 steps, 2 seeds, K in 10 100 1000 (about 20 s on an idle 2-core machine)",
     )
     parser.add_argument(
         "--steps", type=int, default=None, help=f"SVI steps per model (default {FULL['steps']})"

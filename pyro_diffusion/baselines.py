@@ -211,7 +211,9 @@ def tune_baselines(
     return chosen
 
 
-def baseline_bits_per_dim(dataset, num_components: int = 50, seed: int = 0, settings: dict | None = None) -> dict:
+def baseline_bits_per_dim(
+    dataset, num_components: int = 50, seed: int = 0, settings: dict | None = None
+) -> dict:
     """Both baselines fitted on ``dataset.train`` and scored on ``dataset.test`` (bits/dim,
     mean and standard error).  ``dataset.num_levels`` must be set (K-level data).
 
@@ -221,7 +223,9 @@ def baseline_bits_per_dim(dataset, num_components: int = 50, seed: int = 0, sett
         raise ValueError(f"dataset: baselines need K-level data (num_levels), {dataset.name!r} has none")
     K = dataset.num_levels
     settings = settings or {}
-    pixel_options = {k: v for k, v in settings.get("pixel_categorical", {}).items() if k in ("alpha", "prior")}
+    pixel_options = {
+        k: v for k, v in settings.get("pixel_categorical", {}).items() if k in ("alpha", "prior")
+    }
     mixture_options = {
         k: v for k, v in settings.get("categorical_mixture", {}).items() if k in ("alpha", "prior")
     }

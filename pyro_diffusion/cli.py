@@ -275,9 +275,13 @@ def _schedule_study():
 def _train(args) -> int:
     from .distributed import process_group
     from .engine import world
-    from .training import CONFIG, evaluate_run, read_config, train
+    from .training import CHECKPOINT, CONFIG, FINAL_LOSS_STEPS, evaluate_run, read_config, train
 
     out = runs.check_out(args.out, argument="--out")
+    if not args.resume and (out / CHECKPOINT).exists():
+        raise FileExistsError(
+            f"--out: {out} already holds a checkpoint; add --resume to continue it or choose another --out"
+        )
     base = TrainConfig()
     if args.resume and (out / CONFIG).exists():
         base = read_config(out, argument="--out")
@@ -288,9 +292,11 @@ def _train(args) -> int:
     if rank != 0:
         return 0
     where = f" on {world_size} processes" if world_size > 1 else ""
+    unit = "nats per datum" if OBJECTIVES[config.objective].is_bound else "per datum"
     print(
         f"trained {metrics['steps']} steps{where} in {metrics['train_seconds']:.1f} s; "
-        f"final loss {metrics['final_loss']:.5g}; weights: {metrics['selected']}"
+        f"final loss {metrics['final_loss']:.5g} ({unit}, mean of the last {FINAL_LOSS_STEPS} steps, "
+        f"as on the progress bar); weights: {metrics['selected']}"
     )
     if args.evaluate:
         metrics = evaluate_run(out, device=args.device, progress=config.progress)
@@ -410,16 +416,40 @@ def _compare(args) -> int:
 _FIELD = re.compile(r"^([a-z_]+)(, [a-z_]+)*: ")
 
 
+_ASSIGNED = re.compile(r"\b([a-z][a-z_]*)=(['\"]?)([\w.\-]+)\2")
+_UNDERSCORED = re.compile(r"(?<![\w\-/.])([a-z]+(?:_[a-z]+)+)\b(?![(/.])")
+
+
 def _flagged(message: str) -> str:
-    """A configuration error as the flags name it: ``lr: ...`` becomes ``--lr: ...``."""
+    """An error as the command line names things: a leading ``lr: ...`` becomes ``--lr: ...``,
+    ``resume: ...`` becomes ``--resume: ...``, a configuration field written as a Python
+    argument (``image_size=S``, ``num_levels``) becomes its flag (``--image-size S``,
+    ``--num-levels``)."""
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
+
+    def assigned(match: re.Match) -> str:
+        name, value = match.group(1), match.group(3)
+        if name not in fields:
+            return match.group(0)
+        flag = "--" + name.replace("_", "-")
+        if isinstance(getattr(TrainConfig, name, None), bool) or value in ("True", "False"):
+            return flag if value != "False" else "--no-" + name.replace("_", "-")
+        return f"{flag} {value}"
+
+    def bare(match: re.Match) -> str:
+        name = match.group(1)
+        return "--" + name.replace("_", "-") if name in fields else name
+
+    head, rest = "", message
     match = _FIELD.match(message)
-    if not match:
-        return message
-    names = match.group(0)[:-2].split(", ")
-    if not all(name in fields for name in names):
-        return message
-    return ", ".join("--" + name.replace("_", "-") for name in names) + message[len(match.group(0)) - 2 :]
+    names = match.group(0)[:-2].split(", ") if match else []
+    if names and all(name in fields for name in names):
+        head = ", ".join("--" + name.replace("_", "-") for name in names) + ": "
+        rest = message[len(match.group(0)) :]
+    elif message.startswith("resume: "):
+        head, rest = "--resume: ", message[len("resume: ") :]
+    rest = _UNDERSCORED.sub(bare, _ASSIGNED.sub(assigned, rest))
+    return head + rest
 
 
 def _error_message(error: BaseException) -> str:

@@ -258,6 +258,26 @@ class Diffusion(nn.Module):
     def decoder_uses_network(self) -> bool:
         return self.decoder != "plain"
 
+    @torch.no_grad()
+    def init_level_prior(self, x0: torch.Tensor, alpha: float = 0.1) -> None:
+        """Start the level prior's logits at the log level frequencies of each dimension in
+        ``x0`` (training data), with ``alpha · K`` pseudo-counts spread by the pooled
+        frequencies of all dimensions (a level no datum takes keeps a 1e-3 share of one):
+        the decoder then starts knowing which of the K levels the data use, instead of
+        learning it one optimizer step at a time.  Training calls it for a new run."""
+        if not self.level_prior:
+            raise ValueError("x0: init_level_prior needs a diffusion with level_prior=True")
+        self.check_data(x0)
+        if not alpha > 0:
+            raise ValueError(f"alpha: expected a positive pseudo-count, got {alpha!r}")
+        K = self.num_levels
+        index = torch.round((x0.clamp(-1, 1) + 1) / 2 * (K - 1)).long()
+        counts = torch.nn.functional.one_hot(index, K).to(torch.float64).sum(0)  # (*event, K)
+        pooled = counts.reshape(-1, K).sum(0) + 1e-3
+        counts = counts + alpha * K * pooled / pooled.sum()
+        logits = torch.log(counts / counts.sum(-1, keepdim=True))
+        self.decoder_level_logits.copy_(logits.to(self.decoder_level_logits))
+
     def grid(self, num_steps: int | None = None) -> torch.Tensor:
         """γ_1 < … < γ_T of the grid ``num_steps`` (None: the model's own), float64."""
         if num_steps is None:

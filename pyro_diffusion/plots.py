@@ -1,10 +1,10 @@
 """Figures for runs and comparisons, written as PNG files (matplotlib, Agg backend).
 
-* :func:`loss_curves` — training loss against SVI step, one line per run (smoothed).
+* :func:`loss_curves` — training loss against optimizer step, one panel per run (smoothed).
 * :func:`term_profile` — the per-step terms L_t against t in bits/dim: where the bound spends
-  its bits.
+  its bits (a signed axis when a term is negative).
 * :func:`sample_grid` / :func:`scatter` — samples of images or of vectors (the first two
-  coordinates; a histogram for 1-D data).
+  coordinates, on axes set by quantiles; a histogram for 1-D data).
 * :func:`forward_chain` — one datum noised by q(x_t | x_0) at a few levels of a grid.
 """
 
@@ -17,6 +17,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
@@ -40,36 +41,56 @@ def _save(fig, path: str | Path) -> Path:
     return path
 
 
-def loss_curves(histories: Mapping[str, Sequence[float]], path: str | Path, window: int = 50) -> Path:
+def loss_curves(
+    histories: Mapping[str, Sequence[float]],
+    path: str | Path,
+    window: int = 50,
+    units: Mapping[str, str] | None = None,
+) -> Path:
     """Training loss per datum against step, one line per entry (moving average over
     ``window`` steps).  Losses of different objectives are in different units, so each gets
-    its own panel."""
+    its own panel; ``units[name]`` labels its axis (default: ``"nats"`` for the ELBO
+    objectives, ``"objective's units"`` otherwise).  A log axis when every value is positive,
+    else a linear one."""
     if not histories:
         raise ValueError("histories: expected at least one loss history")
+    units = dict(units or {})
     fig, axes = plt.subplots(1, len(histories), figsize=(4 * len(histories), 3), squeeze=False)
     for ax, (name, history) in zip(axes[0], histories.items()):
         smooth = _smooth(history, window)
         ax.plot(np.arange(len(smooth)) + min(window, len(history)), smooth)
         ax.set_title(name)
-        ax.set_xlabel("SVI step")
-        ax.set_ylabel("loss per datum")
+        ax.set_xlabel("optimizer step")
+        unit = units.get(name, "nats" if name.startswith("elbo") else "objective's units")
+        ax.set_ylabel(f"loss per datum [{unit}]" + (f" ({window}-step mean)" if window > 1 else ""))
         if len(smooth) and np.all(smooth > 0):
             ax.set_yscale("log")
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     return _save(fig, path)
 
 
 def term_profile(profiles: Mapping[str, Sequence[float]], path: str | Path) -> Path:
-    """L_t against t (bits/dim, log scale) for each entry; ``profile[i]`` is L_i with i = 0
-    the decoder term and i = T the prior term (the layout of ``vlb_terms``)."""
+    """L_t against t in bits/dim for each entry; ``profile[i]`` is L_i with i = 0 the decoder
+    term and i = T the prior term (the layout of ``vlb_terms``).  The per-step axis is
+    logarithmic when every term is positive; when one is not (the decoder term −log p(x₀|x₁)
+    of continuous data is a negative log density when the decoder is sharp) it is a signed
+    symmetric-log axis, so a negative term is drawn below zero, not clipped."""
     if not profiles:
         raise ValueError("profiles: expected at least one profile")
     fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2))
-    for name, profile in profiles.items():
-        profile = np.asarray(profile, dtype=float)
+    values = [np.asarray(profile, dtype=float) for profile in profiles.values()]
+    finite = np.concatenate([v[np.isfinite(v)] for v in values]) if values else np.zeros(0)
+    for name, profile in zip(profiles, values):
         steps = np.arange(len(profile))
-        left.plot(steps, np.maximum(profile, 1e-7), label=name)
+        left.plot(steps, profile, label=name)
         right.plot(steps, np.cumsum(profile), label=name)
-    left.set_yscale("log")
+    if finite.size and np.all(finite > 0):
+        left.set_yscale("log")
+    elif finite.size and np.any(finite != 0):
+        nonzero = np.abs(finite[finite != 0])
+        linthresh = max(nonzero.min(), 1e-4 * nonzero.max())  # log-like down to the smallest term
+        left.set_yscale("symlog", linthresh=float(linthresh))
+        left.axhline(0.0, color="0.6", lw=0.6)
     left.set_xlabel("t (0 = decoder −log p(x₀|x₁), T = prior KL)")
     left.set_ylabel("L_t  [bits/dim]")
     left.set_title("per-step terms")
@@ -114,10 +135,26 @@ def _points(points, name: str) -> torch.Tensor:
     return points.reshape(points.shape[0], -1)
 
 
+def _robust_limits(values: np.ndarray, coverage: float = 0.99) -> tuple[float, float]:
+    """Axis limits holding the central ``coverage`` of ``values`` (quantiles), with a margin:
+    a few far-out samples do not squash the rest into a corner."""
+    values = values[np.isfinite(values)]
+    if not values.size:
+        return -1.0, 1.0
+    tail = (1 - coverage) / 2
+    low, high = np.quantile(values, [tail, 1 - tail])
+    if high <= low:
+        low, high = low - 1.0, high + 1.0
+    margin = 0.08 * (high - low)
+    return float(low - margin), float(high + margin)
+
+
 def scatter(sets: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     """Side-by-side plots of point sets ``(N, D)`` on shared axes: a scatter of the first two
     coordinates (D ≥ 2; titled with the dimensions shown when D > 2), a histogram for D = 1.
-    Any other event shape is flattened to D values first."""
+    Any other event shape is flattened to D values first.  The axes span the central 99 % of
+    all the sets' points (quantiles, so that a few outlying samples do not squash the rest);
+    a panel says how many of its points lie outside."""
     if not sets:
         raise ValueError("sets: expected at least one point set")
     flat = {name: _points(points, name) for name, points in sets.items()}
@@ -125,19 +162,33 @@ def scatter(sets: Mapping[str, torch.Tensor], path: str | Path) -> Path:
     if len(dims) != 1:
         raise ValueError(f"sets: expected point sets of one dimension, got {sorted(dims)}")
     (dim,) = dims
+    everything = torch.cat(list(flat.values())).numpy()
+    xlim = _robust_limits(everything[:, 0])
+    ylim = _robust_limits(everything[:, 1]) if dim > 1 else None
     fig, axes = plt.subplots(
-        1, len(flat), figsize=(3.2 * len(flat), 3.2), squeeze=False, sharex=True, sharey=dim > 1
+        1, len(flat), figsize=(3.4 * len(flat), 3.4), squeeze=False, sharex=True, sharey=dim > 1
     )
     for ax, (name, points) in zip(axes[0], flat.items()):
-        finite = points[torch.isfinite(points).all(1)]
+        finite = points[torch.isfinite(points).all(1)].numpy()
+        inside = (finite[:, 0] >= xlim[0]) & (finite[:, 0] <= xlim[1])
+        if dim > 1:
+            inside &= (finite[:, 1] >= ylim[0]) & (finite[:, 1] <= ylim[1])
+        outside = len(points) - int(inside.sum())
+        note = f"\n{outside} of {len(points)} outside the axes" if outside else ""
         if dim == 1:
-            ax.hist(finite[:, 0].numpy(), bins=50, density=True, alpha=0.7)
-            ax.set_xlabel("x")
-            ax.set_title(name)
-            continue
-        ax.scatter(finite[:, 0], finite[:, 1], s=2, alpha=0.5)
-        ax.set_title(name if dim == 2 else f"{name} (dims 1, 2 of {dim})")
-        ax.set_aspect("equal")
+            ax.hist(finite[inside, 0], bins=50, range=xlim, density=True, alpha=0.7)
+            ax.set_xlabel("x  [data units]")
+            ax.set_ylabel("density  [1 / data unit]")
+            ax.set_title(name + note, fontsize=9)
+        else:
+            ax.scatter(finite[inside, 0], finite[inside, 1], s=2, alpha=0.5)
+            ax.set_title((name if dim == 2 else f"{name} (dims 1, 2 of {dim})") + note, fontsize=9)
+            ax.set_xlabel("x₁  [data units]")
+            ax.set_ylabel("x₂  [data units]")
+            ax.set_ylim(*ylim)
+        ax.set_xlim(*xlim)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(4))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
     return _save(fig, path)
 
 

@@ -96,7 +96,7 @@ from tqdm.auto import tqdm
 from . import engine as engine_module
 from . import runs
 from .chains import TIME_SAMPLERS
-from .data import Dataset, load_dataset
+from .data import CHANNELS_LAST, IMAGE_MODES, Dataset, load_dataset
 from .decoders import DECODERS
 from .diffusion import Diffusion
 from .engine import SAMPLINGS, Engine, elbo_module, process_seed, world
@@ -149,6 +149,10 @@ MAX_LR = 10.0
 _LARGEST = {"num_steps": 1_000_000, "hidden": 65_536, "num_train": 100_000_000, "num_test": 100_000_000}
 #: the keys a run's checkpoint must hold, with their types
 CHECKPOINT_KEYS = {"config": dict, "data": dict, "engine": dict}
+
+#: ``final_loss`` in a run's metrics: the per-datum training loss averaged over this many last
+#: steps (the window of the progress bar's running loss)
+FINAL_LOSS_STEPS = 50
 
 #: the seed of the continuous-time test bound's draws (the same draws for every run)
 EVALUATION_SEED = 12345
@@ -209,16 +213,28 @@ OBJECTIVES: dict[str, Objective] = {
 
 
 def _mlp(config: TrainConfig, event_shape, learned: bool, gamma_range: tuple[float, float]) -> nn.Module:
-    return MLPDenoiser(tuple(event_shape), config.hidden, config.depth, learned, gamma_range=gamma_range)
+    fourier = None if config.fourier_min is None else (config.fourier_min, config.fourier_max)
+    return MLPDenoiser(
+        tuple(event_shape),
+        config.hidden,
+        config.depth,
+        learned,
+        gamma_range=gamma_range,
+        dropout=config.dropout,
+        fourier=fourier,
+    )
 
 
 def _unet(config: TrainConfig, event_shape, learned: bool, gamma_range: tuple[float, float]) -> nn.Module:
     if len(event_shape) != 3:
         raise ValueError(f"network: 'unet' needs image data (C, H, W), got event_shape {tuple(event_shape)}")
+    if config.fourier_min is not None:
+        raise ValueError("fourier_min: Fourier input features are an option of the MLP (network 'mlp')")
     return UNetDenoiser(
         event_shape[0],
         base=config.hidden,
         multipliers=(1, 2),
+        dropout=config.dropout,
         learned_variance=learned,
         gamma_range=gamma_range,
     )
@@ -264,15 +280,35 @@ class TrainConfig:
     # data
     data: str = _option(
         "moons",
-        "data set: moons, swissroll, gmm, digits, or a path to a .npy/.pt array (N, *event_shape)",
+        "data set: moons, swissroll, gmm, digits (17 levels), digits8 (the digits as 8-bit data, 256 levels), "
+        "a path to a .npy/.pt array (N, *event_shape) (uint8: 256 levels scaled to [−1, 1]; images channels-first "
+        "or channels-last), or a folder of PNG/JPEG images",
         "data",
     )
     num_train: int = _option(20_000, "training points of a generated 2-D set", "data")
     num_test: int = _option(5_000, "test points of a generated 2-D set", "data")
     num_levels: int | None = _option(
         None,
-        "K for a user file whose values take K evenly spaced levels in [−1, 1] (a discretized decoder)",
+        "K for a user file whose values take K evenly spaced levels in [−1, 1] (a discretized decoder); "
+        "for uint8 arrays and image folders the number of levels 0..K−1 they hold",
         "data",
+        shown="continuous for float data, 256 for uint8 data and image folders",
+    )
+    image_size: int | None = _option(
+        None, "image folders: resize every image to S×S pixels", "data", shown="the images' own size"
+    )
+    image_mode: str = _option(
+        "auto",
+        "image folders: grey (1 channel), rgb (3 channels) or auto (grey when every image is)",
+        "data",
+        choices=lambda: IMAGE_MODES,
+    )
+    channels_last: str = _option(
+        "auto",
+        "arrays (N, A, B, C): yes, they are (N, H, W, C); no, (N, C, H, W); auto, decided from the shape "
+        "(the end of size 1, 3 or 4)",
+        "data",
+        choices=lambda: CHANNELS_LAST,
     )
     val_size: int = _option(
         0,
@@ -353,6 +389,16 @@ class TrainConfig:
     )
     hidden: int = _option(256, "MLP width / U-Net base channels", "model")
     depth: int = _option(3, "residual blocks of the MLP", "model")
+    dropout: float = _option(0.0, "dropout rate inside the network's blocks (MLP and U-Net)", "model")
+    fourier_min: int | None = _option(
+        None,
+        "MLP: also feed sin/cos(2^n π z) of every entry for n = FOURIER_MIN … --fourier-max (fine bits)",
+        "model",
+        shown="none",
+    )
+    fourier_max: int | None = _option(
+        None, "the largest n of --fourier-min's features", "model", shown="none"
+    )
     mean: str = _option("eps", "what the network predicts: eps, x0, v or mu", "model", choices=lambda: MEANS)
     variance: str | None = _option(
         None,
@@ -366,6 +412,12 @@ class TrainConfig:
         "p(x_0 | x_1): ddpm (the network's x̂, DDPM's variance), network (x̂ with a learned scale), plain (z_1/α_1)",
         "model",
         choices=lambda: DECODERS,
+    )
+    level_prior: bool = _option(
+        False,
+        "K-level data: the decoder's level masses reweighted by learned per-dimension level logits "
+        "(learns which of the K levels the data take)",
+        "model",
     )
     anchor: float | None = _option(
         None, "the network sees γ − γ(0) + ANCHOR instead of γ (for a learned γ(0))", "model", shown="γ"
@@ -476,6 +528,11 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not (_positive_int(value) and value >= 2):
                 fail(name, "None or an integer K >= 2")
+        if self.image_size is not None and not (_positive_int(self.image_size) and self.image_size <= 4096):
+            fail("image_size", "None or a side length in 1..4096 pixels")
+        for name, allowed in (("image_mode", IMAGE_MODES), ("channels_last", CHANNELS_LAST)):
+            if getattr(self, name) not in allowed:
+                fail(name, f"one of {allowed}")
         if self.schedule_hidden is not None and not _positive_int(self.schedule_hidden):
             fail("schedule_hidden", "None or a positive integer")
         if self.seed >= runs.SEED_LIMIT:
@@ -488,6 +545,18 @@ class TrainConfig:
             fail("schedule_lr", f"None or a learning rate in [0, {MAX_LR:g}]")
         if not (_number(self.weight_decay) and self.weight_decay >= 0):
             fail("weight_decay", "a number >= 0")
+        if not (_number(self.dropout) and 0 <= self.dropout < 1):
+            fail("dropout", "a rate in [0, 1)")
+        if (self.fourier_min is None) != (self.fourier_max is None):
+            fail("fourier_min", "both --fourier-min and --fourier-max, or neither")
+        if self.fourier_min is not None and not (
+            isinstance(self.fourier_min, int)
+            and isinstance(self.fourier_max, int)
+            and not isinstance(self.fourier_min, bool)
+            and not isinstance(self.fourier_max, bool)
+            and -8 <= self.fourier_min <= self.fourier_max <= 12
+        ):
+            fail("fourier_min", "integers with -8 <= fourier_min <= fourier_max <= 12")
         if not (_number(self.lr_final_fraction) and 0 < self.lr_final_fraction <= 1):
             fail("lr_final_fraction", "a value in (0, 1]")
         for name in ("clip_value", "clip_norm"):
@@ -549,7 +618,7 @@ class TrainConfig:
         if self.eval_every and not self.val_size:
             raise ValueError("eval_every: checkpoint selection needs a validation split (val_size > 0)")
         if self.schedule is not None:
-            learned = self.schedule == "learned"
+            learned = self.schedule in ("learned", "learned-multivariate")
             for name, wrong in (
                 ("freeze_endpoints", self.freeze_endpoints and not learned),
                 ("learn_shape", not self.learn_shape and not learned),
@@ -609,9 +678,10 @@ class DataShape(NamedTuple):
 
 
 # ---------------------------------------------------------------------------- building
-def build_schedule(config: TrainConfig) -> Schedule:
+def build_schedule(config: TrainConfig, event_shape: tuple[int, ...] | None = None) -> Schedule:
     """The schedule named by ``config.schedule`` (see :data:`~pyro_diffusion.schedules.SCHEDULES`)
-    at ``config.num_steps`` levels, with the configuration's options."""
+    at ``config.num_steps`` levels, with the configuration's options; ``event_shape``: the
+    data's, for a per-dimension schedule (``learned-multivariate``)."""
     if config.schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {sorted(SCHEDULES)}, got {config.schedule!r}")
     options = {
@@ -628,6 +698,8 @@ def build_schedule(config: TrainConfig) -> Schedule:
         options["hidden"] = config.schedule_hidden
     if config.max_beta is not None:
         options["max_beta"] = float(config.max_beta)
+    if event_shape is not None:
+        options["event_shape"] = tuple(event_shape)
     return SCHEDULES[config.schedule](config.num_steps, **options)
 
 
@@ -647,7 +719,9 @@ def build_diffusion(
     gamma_range = (config.embed_gamma_min, config.embed_gamma_max)
     if None in gamma_range:
         with torch.random.fork_rng():  # the range alone; the generator's stream is left as it was
-            levels = build_schedule(config).grid(config.num_steps).detach()
+            levels = build_schedule(config, tuple(dataset.event_shape)).grid(config.num_steps).detach()
+        if levels.dim() > 1:  # per-dimension levels: the network sees their mean
+            levels = levels.reshape(levels.shape[0], -1).mean(1)
         gamma_range = (
             levels[0].item() if config.embed_gamma_min is None else config.embed_gamma_min,
             levels[-1].item() if config.embed_gamma_max is None else config.embed_gamma_max,
@@ -656,12 +730,13 @@ def build_diffusion(
     denoiser = NETWORKS[config.network](config, dataset.event_shape, variance == "learned", gamma_range)
     return Diffusion(
         denoiser,
-        build_schedule(config),
+        build_schedule(config, tuple(dataset.event_shape)),
         tuple(dataset.event_shape),
         mean=config.mean,
         variance=variance,
         decoder=config.decoder,
         num_levels=dataset.num_levels,
+        level_prior=config.level_prior,
         num_steps=config.num_steps,
         anchor=config.anchor,
     ).to(device if device is not None else config.device)
@@ -764,14 +839,25 @@ def split_validation(train: torch.Tensor, val_size: int, seed: int = 0) -> tuple
 
 def load_run_data(config: TrainConfig) -> Dataset:
     """The run's data set.  2-D sets are drawn with seed 0 whatever the run's seed, so that
-    runs of different seeds see the same data and the same test split."""
-    return load_dataset(
+    runs of different seeds see the same data and the same test split.  Images the U-Net
+    cannot take (it halves height and width once) are refused here, before anything is written."""
+    dataset = load_dataset(
         config.data,
         num_train=config.num_train,
         num_test=config.num_test,
         seed=0,
         num_levels=config.num_levels,
+        image_size=config.image_size,
+        image_mode=config.image_mode,
+        channels_last=config.channels_last,
     )
+    if config.network == "unet" and dataset.is_image and any(n % 2 for n in dataset.event_shape[1:]):
+        height, width = dataset.event_shape[1:]
+        raise ValueError(
+            f"network: 'unet' needs images of even height and width, got {height}×{width}; resize them "
+            "(an image folder: image_size=S with S even) or use network='mlp'"
+        )
+    return dataset
 
 
 # ---------------------------------------------------------------------------- files (seams)
@@ -835,9 +921,19 @@ def _comparable(config: dict) -> dict:
     return {k: v for k, v in config.items() if k not in TrainConfig.MUTABLE}
 
 
+# Fields that a run directory written by an earlier version lacks, with the value that version
+# used (not today's default, where the two differ): the network's level embedding spanned
+# γ ∈ [−15, 15] before the range became a field.  Fields added with a default that keeps the
+# earlier behaviour (an option that is off) need no entry.
+EARLIER_VALUES = {"embed_gamma_min": -15.0, "embed_gamma_max": 15.0}
+
+
 def _config_from(values: dict, path, argument: str) -> TrainConfig:
     """``TrainConfig.from_dict(values)`` with a malformed configuration (unknown fields, bad
-    values) reported as one :class:`~pyro_diffusion.runs.RunFileError` naming ``path``."""
+    values) reported as one :class:`~pyro_diffusion.runs.RunFileError` naming ``path``.  A field
+    the file lacks (written by an earlier version) takes the value that version used
+    (:data:`EARLIER_VALUES`), else the default."""
+    values = {**{k: v for k, v in EARLIER_VALUES.items() if k not in values}, **values}
     try:
         return TrainConfig.from_dict(values)
     except (TypeError, ValueError) as error:
@@ -969,6 +1065,8 @@ def _fit(config, dataset, device, out, resume, stop_after, hooks, figures, rank,
     if checkpoint is None:  # the weights and then the training draws, one stream from the seed
         pyro.set_rng_seed(config.seed)  # torch, numpy and python
     diffusion = build_diffusion(config, dataset, device=device)
+    if checkpoint is None and diffusion.level_prior:  # before the engine copies the weights (EMA)
+        diffusion.init_level_prior(train_data.to(device))
     engine = build_engine(config, diffusion)
     if checkpoint is not None:
         runs.check_module_state(
@@ -1022,7 +1120,8 @@ def _fit(config, dataset, device, out, resume, stop_after, hooks, figures, rank,
             "steps": engine.step_count,
             "train_seconds": engine.seconds,
             "loss_history": history,
-            "final_loss": float(np.mean(history[-100:])) if history else None,
+            # the progress bar's number: the per-datum loss averaged over the last 50 steps
+            "final_loss": float(np.mean(history[-FINAL_LOSS_STEPS:])) if history else None,
             "finished": engine.step_count >= config.steps,
             "world_size": world_size,
             "selected": engine.selection,
@@ -1063,7 +1162,7 @@ def _figures(config: TrainConfig, diffusion: Diffusion, dataset: Dataset, histor
     from . import plots
 
     plots.loss_curves({config.objective: history}, out / "loss.png")
-    samples = diffusion.sample(64 if dataset.is_image else 1000)
+    samples = diffusion.sample(64 if dataset.is_image else 1000, progress=config.progress)
     if dataset.is_image:
         plots.sample_grid(samples, out / "samples.png")
     else:
@@ -1080,11 +1179,16 @@ def schedule_figure(diffusion: Diffusion, path: str | Path, label: str = "") -> 
 
     with torch.no_grad():
         gammas = diffusion.grid().cpu().numpy()
+    gammas = gammas.reshape(gammas.shape[0], -1)  # a per-dimension schedule: one curve per dimension
     times = np.linspace(0, 1, len(gammas))
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    ax.plot(times, gammas, label=label or None)
+    lines = ax.plot(times, gammas, lw=1.5 if gammas.shape[1] == 1 else 0.5)
+    if label:
+        lines[0].set_label(label)
     ax.set(
-        xlabel="t", ylabel="γ(t) = −log SNR(t)", title=f"schedule: γ ∈ [{gammas[0]:.2f}, {gammas[-1]:.2f}]"
+        xlabel="t",
+        ylabel="γ(t) = −log SNR(t)",
+        title=f"schedule: γ ∈ [{gammas.min():.2f}, {gammas.max():.2f}]",
     )
     if label:
         ax.legend(fontsize=8)

@@ -43,6 +43,8 @@ def test_compare_quick_writes_files_and_a_table_that_parses(quick_compare):
         assert (out / f"samples_{objective}.png").exists()
         for seed in (0, 1):
             assert (out / objective / f"seed{seed}" / "checkpoint.pt").exists()
+            for figure in ("loss.png", "samples.png", "schedule.png", "profile.png"):  # as docs/cli.md says
+                assert (out / objective / f"seed{seed}" / figure).stat().st_size > 500, (objective, figure)
     results = json.loads((out / "results.json").read_text())
     rows = parse_table((out / "results.md").read_text().split("\n\n")[2])
     assert list(rows)[:4] == objectives
@@ -131,6 +133,25 @@ def test_train_evaluate_sample_resume(tmp_path, capsys):
     assert "lr: checkpoint has 0.001, asked for 0.1" in capsys.readouterr().err
 
 
+def test_messages_name_flags_and_say_which_loss_is_printed(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--data", "moons", "--steps", "3", "--out", str(run)] + TINY) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads((run / "metrics.json").read_text())
+    # one definition of the loss: the progress bar's running mean of the last 50 per-datum losses
+    assert metrics["final_loss"] == pytest.approx(sum(metrics["loss_history"][-50:]) / 3)
+    assert f"final loss {metrics['final_loss']:.5g} (nats per datum, mean of the last 50 steps" in printed
+    assert main(["train", "--data", "moons", "--steps", "3", "--out", str(run)] + TINY) == 2
+    err = capsys.readouterr().err
+    assert "add --resume to continue it" in err and "resume=True" not in err and err.count("\n") == 1
+    assert main(["train", "--out", str(run), "--resume", "--lr", "0.1"] + TINY) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyro-diffusion train: error: --resume: the checkpoint in"), err
+    # Python argument names in library messages come out as flags
+    status = main(["train", "--data", "moons", "--out", str(tmp_path / "y"), "--image-size", "8"] + TINY)
+    assert status == 2 and "--image-size: only for an image folder" in capsys.readouterr().err
+
+
 def test_errors_are_reported_clearly(tmp_path, capsys):
     assert main(["train", "--data", "nope", "--out", str(tmp_path / "x"), "--steps", "1"] + TINY) == 2
     assert "unknown data set 'nope'" in capsys.readouterr().err
@@ -204,9 +225,9 @@ def test_train_flags_are_the_configuration_fields_with_registry_choices(monkeypa
         "evaluate",
     }
     assert by_dest["schedule"].choices == sorted(
-        ["linear", "cosine", "log-snr", "gamma-linear", "gamma-cosine", "learned"]
+        ["linear", "cosine", "log-snr", "gamma-linear", "gamma-cosine", "learned", "learned-multivariate"]
     )
-    assert set(by_dest["decoder"].choices) == {"plain", "network", "ddpm"}
+    assert set(by_dest["decoder"].choices) >= {"plain", "network", "ddpm"}
     assert set(by_dest["mean"].choices) >= {"eps", "x0", "v"}
     # an entry another module adds to a registry becomes a choice
     monkeypatch.setitem(OBJECTIVES, "mine", Objective(OBJECTIVES["elbo"].make_loss, description="my loss"))
@@ -290,3 +311,33 @@ def test_train_with_the_study_flags_reproduces_the_studys_result(tmp_path, capsy
     assert metrics["val_history"] == [list(row) for row in result["val_history"]]
     assert metrics["test_bits_per_dim"] == result["test_bpd_continuous"]
     assert metrics["test_bits_per_dim_se"] == result["test_bpd_continuous_se"]
+
+
+def test_figures_read_right_outliers_negative_terms_and_units(tmp_path, monkeypatch):
+    """samples.png's axes follow the bulk of the points (quantiles), a negative decoder term is
+    drawn below zero on a signed axis (not clipped to ~1e-7 on a log one), every axis has units."""
+    import matplotlib.pyplot as plt
+
+    from pyro_diffusion import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig) or Path(path))
+    points = torch.randn(1000, 2)
+    outliers = points.clone()
+    outliers[:3] = 1e4
+    plots.scatter({"held-out data": points, "samples": outliers}, tmp_path / "s.png")
+    ax = figures[-1].axes[1]
+    assert ax.get_xlim()[1] < 10 and ax.get_ylim()[1] < 10  # not squashed by the three outliers
+    outside = int(re.search(r"(\d+) of 1000 outside the axes", ax.get_title()).group(1))
+    assert 3 <= outside <= 30  # the outliers and the far tail of the bulk are counted, not drawn
+    assert "[data units]" in ax.get_xlabel() and "[data units]" in ax.get_ylabel()
+    plots.term_profile({"elbo": [-2.5] + [0.01] * 19 + [1e-5]}, tmp_path / "p.png")
+    left = figures[-1].axes[0]
+    assert left.get_yscale() == "symlog" and left.get_ylim()[0] < -2
+    assert all("bits/dim" in a.get_ylabel() for a in figures[-1].axes)
+    plots.term_profile({"elbo": [0.5] + [0.01] * 20}, tmp_path / "q.png")
+    assert figures[-1].axes[0].get_yscale() == "log"
+    plots.loss_curves({"elbo": [3.0] * 100, "simple": [0.5] * 100}, tmp_path / "l.png")
+    assert "[nats]" in figures[-1].axes[0].get_ylabel() and "per datum" in figures[-1].axes[1].get_ylabel()
+    for fig in figures:
+        plt.close(fig)

@@ -90,3 +90,40 @@ def test_clear_errors(tmp_path):
         load_dataset("moons", test_fraction=1.5)
     with pytest.raises(ValueError, match="num_train"):
         load_dataset("moons", num_train=0)
+
+
+def test_uint8_arrays_are_256_levels_and_float_arrays_are_kept(tmp_path):
+    pixels = np.arange(2 * 64, dtype=np.uint8).reshape(2, 1, 8, 8) * 2  # channels-first, grey
+    np.save(tmp_path / "grey.npy", pixels)
+    data = load_dataset(tmp_path / "grey.npy", test_fraction=0.5)
+    assert data.num_levels == 256 and data.event_shape == (1, 8, 8)
+    together = torch.cat([data.train, data.test]).double()
+    assert together.min().item() == -1.0
+    assert torch.allclose(
+        together.sort(0).values, (torch.from_numpy(pixels).double() / 127.5 - 1).sort(0).values
+    )
+    values = np.random.default_rng(0).normal(size=(6, 8, 8, 3)).astype(np.float32)  # channels-last floats
+    np.save(tmp_path / "floats.npy", values)
+    floats = load_dataset(tmp_path / "floats.npy")
+    assert floats.num_levels is None and floats.event_shape == (3, 8, 8)
+    np.save(tmp_path / "flags.npy", np.eye(4, dtype=bool))  # bool data: 0/1 as floats, not 8-bit levels
+    flags = load_dataset(tmp_path / "flags.npy")
+    assert flags.num_levels is None and set(torch.cat([flags.train, flags.test]).unique().tolist()) == {
+        0.0,
+        1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"image_size": 8}, "image_size: only for an image folder"),
+        ({"image_mode": "grey"}, "image_mode: only for an image folder"),
+        ({"channels_last": "yes"}, "channels_last: only for a .npy/.pt array"),
+        ({"channels_last": "maybe"}, "channels_last: expected one of"),
+        ({"image_size": 0}, "image_size: expected"),
+    ],
+)
+def test_image_options_where_they_do_not_apply_are_refused(kwargs, expected):
+    with pytest.raises(ValueError, match=expected):
+        load_dataset("moons", num_train=10, num_test=10, **kwargs)

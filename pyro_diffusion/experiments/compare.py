@@ -13,7 +13,9 @@ resumable), then measures
   the classifier's confidence on samples and a nearest-neighbour copy check;
 * training seconds and steps;
 
-and writes ``results.json``, ``results.md`` (the table, mean ± sd over seeds) and figures:
+Each run directory gets the figures of ``train`` and ``evaluate`` (``loss.png``,
+``samples.png``, ``schedule.png``, ``profile.png``).  The comparison directory gets
+``results.json``, ``results.md`` (the table, mean ± sd over seeds) and figures:
 ``loss_curves.png``, ``profile.png`` (L_t against t per objective), ``samples_<objective>.png``
 and ``forward_chain.png``.  On K-level data the table also holds the baselines of
 :mod:`~pyro_diffusion.baselines`.
@@ -73,11 +75,13 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return float(np.mean(values)), sd
 
 
-def _sample_quality(diffusion, dataset, num_samples: int, seed: int, classifier) -> tuple[dict, torch.Tensor]:
+def _sample_quality(
+    diffusion, dataset, num_samples: int, seed: int, classifier, progress: bool = False
+) -> tuple[dict, torch.Tensor]:
     from .. import metrics
 
     torch.manual_seed(10_000 + seed)
-    samples = diffusion.sample(num_samples).cpu()
+    samples = diffusion.sample(num_samples, progress=progress).cpu()
     if dataset.is_image and classifier is not None:
         report = metrics.classifier_report(classifier, samples, dataset.test)
         report.update(metrics.nearest_neighbour_check(samples, dataset.train, dataset.test))
@@ -85,6 +89,22 @@ def _sample_quality(diffusion, dataset, num_samples: int, seed: int, classifier)
         report = metrics.two_sample_report(samples, dataset.test)
     report["finite_samples"] = bool(torch.isfinite(samples).all())
     return report, samples
+
+
+def _run_figures(config, diffusion, dataset, metrics: dict, samples: torch.Tensor, run_dir: Path) -> None:
+    """The figures of an ordinary run directory (``train``'s ``loss.png``, ``samples.png``,
+    ``schedule.png`` and ``evaluate``'s ``profile.png``), from what the comparison measured."""
+    from ..training import schedule_figure
+
+    plots.loss_curves({config.objective: metrics["loss_history"]}, run_dir / "loss.png")
+    if dataset.is_image:
+        plots.sample_grid(
+            samples[:64], run_dir / "samples.png", title=f"{config.objective}, seed {config.seed}"
+        )
+    else:
+        plots.scatter({"held-out data": dataset.test[:1000], "samples": samples}, run_dir / "samples.png")
+    schedule_figure(diffusion, run_dir / "schedule.png", label=config.resolved(dataset).schedule)
+    plots.term_profile({config.objective: metrics["test_profile_bits"]}, run_dir / "profile.png")
 
 
 def run_comparison(
@@ -169,8 +189,12 @@ def _run_comparison(base, out, objectives, seeds, num_samples, baselines, mixtur
                     fitted = fit(config, dataset=dataset, out=run_dir, resume=(run_dir / CHECKPOINT).exists())
                     diffusion = fitted.diffusion  # the run's selected weights, in eval mode
                     started = time.perf_counter()
-                    bound = bound_bits_per_dim(diffusion, dataset.test.to(config.device), seed=seed)
-                    quality, samples = _sample_quality(diffusion, dataset, num_samples, seed, classifier)
+                    bound = bound_bits_per_dim(
+                        diffusion, dataset.test.to(config.device), seed=seed, progress=config.progress
+                    )
+                    quality, samples = _sample_quality(
+                        diffusion, dataset, num_samples, seed, classifier, progress=config.progress
+                    )
                     metrics = read_metrics(run_dir)
                     metrics.update(
                         {
@@ -184,6 +208,7 @@ def _run_comparison(base, out, objectives, seeds, num_samples, baselines, mixtur
                     )
                     write_metrics(metrics, run_dir)
                     run_files.atomic_save(samples[:64], run_dir / "samples.pt")
+                    _run_figures(config, diffusion, dataset, metrics, samples, run_dir)
             log(
                 f"[compare] {objective} seed {seed}: test {metrics['test_bits_per_dim']:.4f} bits/dim, "
                 f"{metrics['train_seconds']:.0f} s"

@@ -60,6 +60,7 @@ CONFIGS: dict[str, dict] = {
         "schedule_hidden": None,
         "freeze_endpoints": False,
     },
+    "level-prior-wide-lr": {"level_prior": True, "hidden": 256, "depth": 3, "dropout": 0.1},
     "level-prior-wide": {"level_prior": True, "hidden": 256, "depth": 3, "dropout": 0.1},
     "level-prior-fourier": {"level_prior": True, "fourier_min": 2, "fourier_max": 5},
     "level-prior-no-ema": {"level_prior": True, "ema": 0.0},

@@ -196,6 +196,11 @@ def load_or_train(
         diffusion.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return diffusion.eval()
     data = load_dataset(dataset).train
+    if progress:  # the first call trains (minutes for the default budgets on a CPU); later ones load
+        print(
+            f"training the {dataset} model ({loss}, {schedule}, {train_steps} steps); cached at {path}",
+            flush=True,
+        )
     start = time.perf_counter()
     trace = train(diffusion, data, loss=loss, num_steps=train_steps, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)

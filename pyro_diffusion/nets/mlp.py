@@ -78,7 +78,9 @@ class MLPDenoiser(nn.Module):
                 or not all(isinstance(n, int) and not isinstance(n, bool) for n in fourier)
                 or fourier[0] > fourier[1]
             ):
-                raise ValueError(f"fourier: expected None or integers (n_min, n_max) with n_min <= n_max, got {fourier!r}")
+                raise ValueError(
+                    f"fourier: expected None or integers (n_min, n_max) with n_min <= n_max, got {fourier!r}"
+                )
             fourier = (int(fourier[0]), int(fourier[1]))
         self.fourier = fourier
         self.event_shape = shape
