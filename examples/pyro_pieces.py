@@ -1,6 +1,6 @@
 """A diffusion model, piece by piece, for readers who know Pyro but not diffusion models.
 
-    python examples/pyro_pieces.py            # under a minute on a CPU
+    python examples/pyro_pieces.py            # 23–28 s on a shared 2-core CPU (1 thread, load 2–3.7)
     python examples/pyro_pieces.py --quick    # about 10 s on an idle 2-core machine
 
 Read it top to bottom like a notebook: each ``# %%`` cell prints what it shows.  It writes

@@ -1311,16 +1311,24 @@ def bound_bits_per_dim(
 
 
 def continuous_bound(
-    diffusion: Diffusion, test: torch.Tensor, *, num_times: int = 100, seed: int = EVALUATION_SEED
+    diffusion: Diffusion,
+    test: torch.Tensor,
+    *,
+    num_times: int = 100,
+    seed: int = EVALUATION_SEED,
+    progress: bool = False,
 ):
     """The continuous-time test bound (a :class:`~pyro_diffusion.bound.BoundEstimate` in
     bits/dim: ``num_times`` draws of the one-step estimator per datum), with the draws of
-    ``seed`` (the same for every run, so runs are compared on the same draws)."""
+    ``seed`` (the same for every run, so runs are compared on the same draws); ``progress``:
+    a progress bar over the draws."""
     from .bound import bound
 
     torch.manual_seed(seed)
     with torch.no_grad():
-        return bound(diffusion, test.to(diffusion.device), num_steps=0, num_times=num_times)
+        return bound(
+            diffusion, test.to(diffusion.device), num_steps=0, num_times=num_times, progress=progress
+        )
 
 
 def evaluate_run(
@@ -1354,7 +1362,7 @@ def _evaluate(out: Path, device, num_steps, num_times, progress) -> dict:
     metrics["checkpoint_step"] = checkpoint["engine"]["step"]
     if num_steps == 0:
         num_times = num_times or 100
-        estimate = continuous_bound(diffusion, dataset.test, num_times=num_times)
+        estimate = continuous_bound(diffusion, dataset.test, num_times=num_times, progress=progress)
         value, se = estimate.dataset_mean()
         metrics.update(
             test_bits_per_dim=value, test_bits_per_dim_se=se, test_num_steps=0, test_num_times=num_times

@@ -261,7 +261,10 @@ def test_every_model_kind_trains_from_the_cli_and_reloads_in_another_process(tmp
     assert (run / "schedule.png").stat().st_size > 1000
     capsys.readouterr()
     assert main(["evaluate", "--run", str(run), "--num-times", "3", "--no-progress"]) == 0
-    assert "continuous time, 3 draws per datum" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "continuous time, 3 draws per datum" in captured.out and "bound" not in captured.err
+    assert main(["evaluate", "--run", str(run), "--num-times", "3"]) == 0  # continuous time: a bar too
+    assert "bound" in capsys.readouterr().err
     evaluated = json.loads((run / "metrics.json").read_text())
     assert evaluated["test_num_steps"] == 0 and math.isfinite(evaluated["test_bits_per_dim"])
     assert main(["evaluate", "--run", str(run), "--num-steps", "20", "--no-progress"]) == 0

@@ -178,3 +178,19 @@ def test_a_run_written_before_the_embedding_range_was_a_field_reloads_with_its_r
     write_json(values, out / "config.json")
     torch.save(checkpoint, out / "checkpoint.pt")
     assert load_model(out).denoiser.embedding.gamma_range == (-15.0, 15.0)
+
+
+def test_level_prior_starts_at_the_training_data_level_frequencies():
+    data = load_dataset("digits8")
+    d = build_diffusion(TrainConfig(data="digits8", level_prior=True, hidden=16, depth=1), data)
+    d.init_level_prior(data.train)
+    probs = d.decoder_level_logits.detach().exp()
+    assert torch.allclose(probs.sum(-1), torch.ones(1, 8, 8), atol=1e-5)
+    used = torch.round((data.train + 1) * 127.5).long().unique()
+    unused = torch.ones(256, dtype=torch.bool)
+    unused[used] = False
+    assert used.numel() == 17 and probs[..., unused].sum(-1).max() < 0.01  # the 239 unused levels
+    corner = (torch.round((data.train[:, 0, 0, 0] + 1) * 127.5) == 0).double().mean()
+    assert probs[0, 0, 0, 0].item() == pytest.approx(corner.item(), abs=0.01)  # a corner pixel is nearly always 0
+    with pytest.raises(ValueError, match="level_prior"):
+        build_diffusion(TrainConfig(data="digits8", hidden=16, depth=1), data).init_level_prior(data.train)
