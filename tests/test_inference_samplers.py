@@ -165,8 +165,9 @@ def test_replacement_pastes_the_observation_and_dps_runs():
     samples = result.draws
     assert samples.shape == (50, 2) and torch.all(samples[:, 0] == 0.7)
     assert result.network_calls == diffusion.num_steps and result.method == "replacement"
-    with pytest.raises(ValueError, match="mask"):
-        replacement_sample(diffusion, OBSERVATION, Y, 5)
+    # any other A: the observed coordinates of its SVD basis are pasted, so A x_0 = y exactly
+    dense = replacement_sample(diffusion, OBSERVATION, Y, 5).draws.double()
+    assert torch.allclose(OBSERVATION.mean(dense), Y.double().expand(5, -1), atol=1e-5)
     samples = dps_sample(diffusion, OBSERVATION, Y, 2000, step_size=0.1).draws
     unconditional = diffusion.sample(2000).double()
     # DPS moves the samples toward the data fit: a smaller mean residual than unconditional draws

@@ -11,7 +11,12 @@ Every method takes any :class:`~pyro_diffusion.diffusion.Diffusion` (a DDPM from
 * :mod:`.smc` — twisted SMC (Wu et al. 2023) as a batched particle loop, ESS per step.
 * :mod:`.nuts` — NUTS over the whole (non-centred) chain with :class:`pyro.infer.MCMC`.
 * :mod:`.svi` — SVI with a guide over x_0 and the forward chain over x_{1:K}.
-* :mod:`.heuristics` — replacement and DPS baselines.
+* :mod:`.mcgdiff` — SMC with proposals from the observation in the noised space (MCGdiff),
+  batched independent runs.
+* :mod:`.ddrm` — DDRM for linear observations (SVD of A).
+* :mod:`.heuristics` — replacement (masks, and any A through its SVD) and DPS baselines.
+* :mod:`.mixture` — exact posteriors in any dimension: Gaussian-mixture priors, their exact
+  denoiser, the posterior mixture, sliced Wasserstein and mode-weight metrics.
 * :mod:`.result` — :class:`PosteriorResult`, what every method above returns.
 * :mod:`.exact` — the exact conditional of the 2-D mixture, energy distance.
 * :mod:`.arviz` — conversion to ``arviz.InferenceData`` and the paired comparison of bounds.
@@ -20,8 +25,19 @@ Every method takes any :class:`~pyro_diffusion.diffusion.Diffusion` (a DDPM from
 The ArviZ conversion is imported lazily (``from pyro_diffusion.inference import arviz``).
 """
 
+from .ddrm import ddrm_sample
 from .exact import energy_distance, energy_distance_se, mixture_conditional, mixture_evidence
 from .heuristics import dps_sample, replacement_sample
+from .mcgdiff import mcgdiff
+from .mixture import (
+    DiagonalMixture,
+    MixtureDenoiser,
+    mixture_diffusion,
+    mixture_posterior,
+    mode_weight_error,
+    random_problem,
+    sliced_wasserstein,
+)
 from .nuts import conditional_model, nuts_conditional
 from .observations import LinearObservation
 from .prior import DiffusionPrior
@@ -34,6 +50,8 @@ __all__ = [
     "LinearObservation",
     "PosteriorResult",
     "twisted_smc",
+    "mcgdiff",
+    "ddrm_sample",
     "nuts_conditional",
     "conditional_model",
     "svi_conditional",
@@ -45,4 +63,11 @@ __all__ = [
     "mixture_evidence",
     "energy_distance",
     "energy_distance_se",
+    "DiagonalMixture",
+    "MixtureDenoiser",
+    "mixture_diffusion",
+    "mixture_posterior",
+    "random_problem",
+    "sliced_wasserstein",
+    "mode_weight_error",
 ]

@@ -18,7 +18,7 @@ import math
 import pyro.distributions as dist
 import torch
 
-__all__ = ["LinearObservation"]
+__all__ = ["LinearObservation", "SpectralForm"]
 
 
 def _check_scale(noise_scale) -> torch.Tensor | float:
@@ -29,6 +29,21 @@ def _check_scale(noise_scale) -> torch.Tensor | float:
     if not isinstance(noise_scale, (int, float)) or not math.isfinite(noise_scale) or noise_scale <= 0:
         raise ValueError(f"noise_scale: expected a positive number σ_y, got {noise_scale!r}")
     return float(noise_scale)
+
+
+class SpectralForm:
+    """The SVD of an observation matrix: ``U`` (m, m), ``singular_values`` (r,) the nonzero ones,
+    ``Vh`` (D, D) and ``rank`` r (float64, CPU)."""
+
+    def __init__(self, U: torch.Tensor, singular_values: torch.Tensor, Vh: torch.Tensor, rank: int) -> None:
+        self.U, self.singular_values, self.Vh, self.rank = U, singular_values, Vh, rank
+
+    def project(self, y: torch.Tensor, noise_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ȳ (r,), τ (r,), rest (m − r,))``: the observation in the V basis, ȳ = (Uᵀ y)_{:r} / s,
+        its noise scales τ = σ_y / s, and the components of Uᵀ y that A cannot produce."""
+        u_y = self.U.T @ y.detach().to(torch.float64).cpu()
+        s = self.singular_values
+        return u_y[: self.rank] / s, noise_scale / s, u_y[self.rank :]
 
 
 class LinearObservation:
@@ -152,6 +167,20 @@ class LinearObservation:
         loc = self.mean(x0)
         noise = torch.randn(loc.shape, generator=generator, dtype=loc.dtype)
         return loc + torch.as_tensor(self.noise_scale, dtype=loc.dtype) * noise
+
+    def svd(self) -> SpectralForm:
+        r"""``A = U diag(s) V_hᵀ`` (thin in U, full in V_h) and what the samplers that work in its
+        basis need (:class:`SpectralForm`): in the coordinates ``x̄ = V_h vec(x)`` the observation
+        reads ``ȳ_i = (Uᵀ y)_i / s_i = x̄_i + (σ_y / s_i) η_i`` for the first r = rank(A)
+        coordinates and says nothing about the others.  Float64, computed once."""
+        cached = getattr(self, "_svd", None)
+        if cached is None:
+            A = self.matrix.detach().to(torch.float64).cpu()
+            U, s, Vh = torch.linalg.svd(A, full_matrices=True)
+            tol = s.max() * max(A.shape) * torch.finfo(torch.float64).eps
+            rank = int((s > tol).sum())
+            cached = self._svd = SpectralForm(U, s[:rank], Vh, rank)
+        return cached
 
     def replace(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """Write ``values`` (shape ``(..., m)``) into the observed entries of ``x`` (masks only)."""

@@ -17,8 +17,11 @@ method             ``draws`` / ``log_weights``                 ``diagnostics``
                                                                NUTS settings
 ``svi``            draws from the fitted q_φ(x_0); ``sample``  ``loc``, ``scale``, ``losses``,
                    draws afresh from q_φ                       ``num_particles``, ``lr``
+``mcgdiff``        the R · N final particles of R runs,        ``ess``, ``resampled`` (R, K + 1),
+                   run-major, their normalized log weights     ``log_evidence``,
+                   (runs weighted by their evidence)           ``log_evidence_runs`` (R,), ``run``
 ``replacement``,   the independent draws, unweighted           the method's settings
-``dps``
+``dps``, ``ddrm``
 =================  ==========================================  =====================================
 """
 
@@ -45,8 +48,8 @@ class PosteriorResult:
         seconds: wall-clock time of the method.
         network_calls: denoiser evaluations (each on a batch; with a gradient for the
             gradient-based methods).
-        method: the method's name (``"twisted_smc"``, ``"nuts"``, ``"svi"``,
-            ``"replacement"``, ``"dps"``).
+        method: the method's name (``"twisted_smc"``, ``"mcgdiff"``, ``"nuts"``, ``"svi"``,
+            ``"replacement"``, ``"dps"``, ``"ddrm"``).
         num_steps: the number of noise levels of the chain the method ran on.
         num_chains: the number of chains in ``draws`` (1 unless MCMC ran several).
         sampler: ``(n, generator) -> (n, *event_shape)`` fresh draws, for methods with a

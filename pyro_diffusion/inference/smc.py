@@ -54,7 +54,7 @@ from .observations import LinearObservation, check_conditioning
 from .prior import frozen, inference_grid, relaxed
 from .result import PosteriorResult
 
-__all__ = ["twisted_smc", "systematic_resample", "TWIST_VARIANCES"]
+__all__ = ["twisted_smc", "systematic_resample", "resample", "RESAMPLING", "TWIST_VARIANCES"]
 
 TWIST_VARIANCES = ("pigdm", "none")
 
@@ -71,6 +71,29 @@ def systematic_resample(log_weights: torch.Tensor) -> torch.Tensor:
     ) / n
     cdf = probs.cumsum(-1)
     cdf[-1] = 1.0  # guard against rounding: every point lands on a particle
+    return torch.searchsorted(cdf, points).clamp(max=n - 1)
+
+
+RESAMPLING = ("systematic", "stratified", "multinomial")
+
+
+def resample(log_weights: torch.Tensor, scheme: str = "systematic") -> torch.Tensor:
+    """Ancestor indices ``(N,)`` from ``log_weights`` ``(N,)`` by ``scheme``: ``"systematic"``
+    (one uniform shift), ``"stratified"`` (one uniform per stratum) or ``"multinomial"``."""
+    if scheme == "systematic":
+        return systematic_resample(log_weights)
+    probs = (log_weights - log_weights.logsumexp(-1)).exp()
+    n = probs.shape[-1]
+    if scheme == "multinomial":
+        return torch.multinomial(probs, n, replacement=True)
+    if scheme != "stratified":
+        raise ValueError(f"scheme: expected one of {RESAMPLING}, got {scheme!r}")
+    points = (
+        torch.rand(n, dtype=probs.dtype, device=probs.device)
+        + torch.arange(n, dtype=probs.dtype, device=probs.device)
+    ) / n
+    cdf = probs.cumsum(-1)
+    cdf[-1] = 1.0
     return torch.searchsorted(cdf, points).clamp(max=n - 1)
 
 

@@ -126,6 +126,9 @@ def svi_conditional(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{arg}: expected a positive int, got {value!r}")
+    for arg, value in (("lr", lr), ("init_scale", init_scale)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{arg}: expected a positive number, got {value!r}")
     prior = DiffusionPrior(diffusion, num_steps=num_steps, decoder="gaussian")
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
