@@ -191,6 +191,8 @@ def test_level_prior_starts_at_the_training_data_level_frequencies():
     unused[used] = False
     assert used.numel() == 17 and probs[..., unused].sum(-1).max() < 0.01  # the 239 unused levels
     corner = (torch.round((data.train[:, 0, 0, 0] + 1) * 127.5) == 0).double().mean()
-    assert probs[0, 0, 0, 0].item() == pytest.approx(corner.item(), abs=0.01)  # a corner pixel is nearly always 0
+    assert probs[0, 0, 0, 0].item() == pytest.approx(
+        corner.item(), abs=0.01
+    )  # a corner pixel is nearly always 0
     with pytest.raises(ValueError, match="level_prior"):
         build_diffusion(TrainConfig(data="digits8", hidden=16, depth=1), data).init_level_prior(data.train)
