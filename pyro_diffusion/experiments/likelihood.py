@@ -47,36 +47,31 @@ NATS_TO_BITS = 1 / math.log(2)
 # The schedule study's best recipe (learned shape on the validation-chosen endpoints [−2, 4],
 # network decoder, validation selection every 250 of 8,000 steps, EMA 0.999, weight decay 1)
 # and the changes measured against it.  Every name maps to TrainConfig overrides.
+_WIDE = {"hidden": 256, "depth": 3, "dropout": 0.1}
 CONFIGS: dict[str, dict] = {
     "recipe": {},
-    "level-prior": {"level_prior": True},
-    "wide": {"hidden": 256, "depth": 3, "dropout": 0.1},
+    "wide": _WIDE,
+    # the training tricks, one at a time off the wide configuration
+    "wide-no-ema": {**_WIDE, "ema": 0.0},
+    "wide-no-weight-decay": {**_WIDE, "weight_decay": 0.0},
+    "wide-no-dropout": {**_WIDE, "dropout": 0.0},
+    "wide-uniform-t": {**_WIDE, "times": "uniform"},
+    "wide-no-validation": {**_WIDE, "val_size": 0, "eval_every": 0},
+    # the forward process learned per dimension (endpoints and shapes), against "wide"
     "multivariate-wide": {
-        "hidden": 256,
-        "depth": 3,
-        "dropout": 0.1,
-        "level_prior": True,
+        **_WIDE,
         "schedule": "learned-multivariate",
         "schedule_hidden": None,
         "freeze_endpoints": False,
     },
-    "level-prior-wide-lr": {"level_prior": True, "hidden": 256, "depth": 3, "dropout": 0.1},
-    "level-prior-wide": {"level_prior": True, "hidden": 256, "depth": 3, "dropout": 0.1},
+    # the level-weighted decoder (needed where the data use few of the K levels: 8-bit digits)
+    "level-prior": {"level_prior": True},
     "level-prior-fourier": {"level_prior": True, "fourier_min": 2, "fourier_max": 5},
-    "level-prior-no-ema": {"level_prior": True, "ema": 0.0},
-    "level-prior-no-wd": {"level_prior": True, "weight_decay": 0.0},
-    "level-prior-uniform-t": {"level_prior": True, "times": "uniform"},
-    "multivariate": {
-        "level_prior": True,
-        "schedule": "learned-multivariate",
-        "schedule_hidden": None,
-        "freeze_endpoints": False,
-    },
-    "multivariate-shape": {"level_prior": True, "schedule": "learned-multivariate", "schedule_hidden": None},
+    "level-prior-wide": {**_WIDE, "level_prior": True},
 }
 
 # the configuration each data set's results use (chosen on the validation split)
-BEST = {"digits": "level-prior-wide", "digits8": "level-prior-wide"}
+BEST = {"digits": "wide", "digits8": "level-prior-wide"}
 
 _RECIPE = {k: v for k, v in RECIPES["regularized"].items() if k not in ("eval_times", "tuned")}
 
@@ -234,9 +229,9 @@ def summarize(data: str, out: str | Path, names: Sequence[str] | None = None) ->
     mixture = base["categorical_mixture"]
     mixture_as_result = [{"seed": 0, "test_per_image_bpd": mixture["per_image_bpd"]}]
     lines = [
-        f"| {data} configuration | seeds | test bits/dim, mean ± sd over seeds | decoder | prior | "
+        f"| {data} configuration | steps | seeds | test bits/dim, mean ± sd over seeds | decoder | prior | "
         "diffusion t < 0.1 | diffusion t ≥ 0.1 | estimator variance (bits/dim)² | − mixture (se images / se seeds) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         results = [run_files.read_json(p) for p in sorted((root / name).glob("seed*/result.json"))]
@@ -250,7 +245,8 @@ def summarize(data: str, out: str | Path, names: Sequence[str] | None = None) ->
         variance = _mean_sd(r["estimator_variance_bpd2"] for r in results)[0]
         paired = paired_over_seeds(results, [dict(m, seed=s) for s in seeds for m in mixture_as_result])
         lines.append(
-            f"| {name} | {len(seeds)} | {mean:.4f} ± {sd:.4f} | "
+            f"| {name} | {'/'.join(sorted({str(r['steps']) for r in results}))} | {len(seeds)} | "
+            f"{mean:.4f} ± {sd:.4f} | "
             + " | ".join(f"{p:.4f}" for p in parts)
             + f" | {variance:.3f} | {paired['difference']:+.4f} ({paired['se_images']:.4f} / {paired['se_seeds']:.4f}) |"
         )
@@ -260,8 +256,8 @@ def summarize(data: str, out: str | Path, names: Sequence[str] | None = None) ->
     ):
         b = base[key]
         lines.append(
-            f"| {label} (α = {b['alpha']:g}, {b['prior']} prior) | – | {b['bits_per_dim']:.4f} ± "
-            f"{b['bits_per_dim_se']:.4f} (se) | | | | | | |"
+            f"| {label} (α = {b['alpha']:g}, {b['prior']} prior) | – | – | {b['bits_per_dim']:.4f} ± "
+            f"{b['bits_per_dim_se']:.4f} (se) | | | | | | | |"
         )
     return "\n".join(lines)
 
@@ -345,11 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="the best recipe shortened (--steps, default 3000) against the baselines",
     )
     args = parser.parse_args(argv)
+    if args.configs is None:
+        args.configs = ["recipe"] if args.demo else [BEST[args.data]]
     if args.demo:
-        if Path(args.out, args.data).exists():
-            parser.error(
-                f"--out: {Path(args.out, args.data)} exists; the demo writes a fresh run (remove it or pick another --out)"
-            )
+        for name in args.configs:
+            if name not in CONFIGS:
+                parser.error(f"--configs: expected names of {sorted(CONFIGS)}, got {name!r}")
         demo(args.out, data=args.data, name=args.configs[0], steps=args.steps or 3000)
         return 0
     for name in args.configs:
