@@ -196,3 +196,31 @@ def test_level_prior_starts_at_the_training_data_level_frequencies():
     )  # a corner pixel is nearly always 0
     with pytest.raises(ValueError, match="level_prior"):
         build_diffusion(TrainConfig(data="digits8", hidden=16, depth=1), data).init_level_prior(data.train)
+
+
+def test_the_likelihood_study_trains_evaluates_pairs_and_tabulates(tmp_path):
+    from pyro_diffusion.experiments import likelihood
+
+    results = likelihood.run(
+        "digits",
+        ["recipe", "level-prior"],
+        [0, 1],
+        tmp_path,
+        eval_times=2,
+        overrides={"steps": 3, "hidden": 8},
+    )
+    assert len(results) == 4 and all(len(r["test_per_image_bpd"]) == 297 for r in results)
+    first = results[0]
+    parts = first["decoder_bpd"] + first["prior_bpd"] + first["first_bpd"] + first["rest_bpd"]
+    assert parts == pytest.approx(first["test_bpd_continuous"], rel=0.2)  # the same bound, other draws
+    again = likelihood.run("digits", ["recipe"], [0], tmp_path, eval_times=2)  # read back, not retrained
+    assert again[0] == first
+    v = likelihood.versus("digits", tmp_path, "level-prior", "recipe")
+    assert v["seeds"] == [0, 1] and v["num_images"] == 297
+    table = likelihood.summarize("digits", tmp_path, iterations=2)
+    assert "| recipe | 3 | 2 |" in table and "mixture of 50 categoricals" in table
+    with pytest.raises(ValueError, match="name"):
+        likelihood.config_for("nonsense")
+    with pytest.raises(SystemExit) as exit_info:
+        likelihood.main(["--data", "digits", "--configs", "nonsense", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2

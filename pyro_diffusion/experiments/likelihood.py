@@ -171,7 +171,7 @@ def run(
     return results
 
 
-def baselines(data: str, out: str | Path | None = None) -> dict:
+def baselines(data: str, out: str | Path | None = None, iterations: int = 100) -> dict:
     """Both baselines on ``data`` with validation-chosen pseudo-counts: their settings,
     test bits/dim and per-image bits/dim (``per_image_bpd``); cached in
     ``out/<data>/baselines.json``."""
@@ -184,7 +184,7 @@ def baselines(data: str, out: str | Path | None = None) -> dict:
     # the diffusions' validation split (the same 200 images), so the test split selects nothing
     fit_x, val_x = split_validation(dataset.train, 200, seed=0)
     tuning = dataclasses.replace(dataset, train=torch.cat([fit_x, val_x]))
-    settings = tune_baselines(tuning, val_size=200)
+    settings = tune_baselines(tuning, val_size=200, iterations=min(iterations, 50))
     D = dataset.test[0].numel()
     values = {}
     for name, model in (
@@ -194,7 +194,9 @@ def baselines(data: str, out: str | Path | None = None) -> dict:
         ),
         (
             "categorical_mixture",
-            CategoricalMixture(dataset.num_levels, 50, **_options(settings, "categorical_mixture")),
+            CategoricalMixture(
+                dataset.num_levels, 50, iterations=iterations, **_options(settings, "categorical_mixture")
+            ),
         ),
     ):
         model.fit(dataset.train)
@@ -219,13 +221,13 @@ def _mean_sd(values: Sequence[float]) -> tuple[float, float]:
     return t.mean().item(), (t.std().item() if t.numel() > 1 else float("nan"))
 
 
-def summarize(data: str, out: str | Path, names: Sequence[str] | None = None) -> str:
+def summarize(data: str, out: str | Path, names: Sequence[str] | None = None, iterations: int = 100) -> str:
     """A Markdown table of every configuration found under ``out/<data>``: test bits/dim over
     seeds, where the bits go, the estimator variance, and the paired difference against the
     mixture of categoricals (per image, seed means; standard errors over images and seeds)."""
     root = Path(out) / data
     names = names or sorted(p.name for p in root.iterdir() if p.is_dir())
-    base = baselines(data, out)
+    base = baselines(data, out, iterations=iterations)
     mixture = base["categorical_mixture"]
     mixture_as_result = [{"seed": 0, "test_per_image_bpd": mixture["per_image_bpd"]}]
     lines = [
@@ -260,6 +262,24 @@ def summarize(data: str, out: str | Path, names: Sequence[str] | None = None) ->
             f"{b['bits_per_dim_se']:.4f} (se) | | | | | | | |"
         )
     return "\n".join(lines)
+
+
+def versus(data: str, out: str | Path, first: str, second: str) -> dict:
+    """Configuration ``first`` against ``second`` on the same test images and seeds, paired
+    (:func:`~pyro_diffusion.experiments.schedule_study.paired_over_seeds`; negative: ``first``
+    is better), with each one's mean estimator variance (bits/dim)²."""
+    root = Path(out) / data
+    results = []
+    for name in (first, second):
+        found = [run_files.read_json(p) for p in sorted((root / name).glob("seed*/result.json"))]
+        if not found:
+            raise FileNotFoundError(f"--versus: no results of {name!r} under {root}")
+        results.append(found)
+    paired = paired_over_seeds(*results)
+    for key, found in zip(("first", "second"), results):
+        paired[f"{key}_estimator_variance_bpd2"] = _mean_sd(r["estimator_variance_bpd2"] for r in found)[0]
+        paired[f"{key}_bpd"] = _mean_sd(r["test_bpd_continuous"] for r in found)
+    return paired
 
 
 # the baselines' pseudo-counts that tune_baselines chose on the validation split (rerun
@@ -336,6 +356,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/likelihood")
     parser.add_argument("--summary", action="store_true", help="only print the table of what is under --out")
     parser.add_argument(
+        "--versus", nargs=2, metavar=("FIRST", "SECOND"), help="pair two configurations found under --out"
+    )
+    parser.add_argument(
         "--demo",
         action="store_true",
         help="the best recipe shortened (--steps, default 3000) against the baselines",
@@ -356,6 +379,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--steps: expected a positive integer, got {args.steps}")
     if args.eval_times < 2:
         parser.error(f"--eval-times: expected an integer >= 2, got {args.eval_times}")
+    if args.versus:
+        v = versus(args.data, args.out, *args.versus)
+        print(
+            f"{args.versus[0]} − {args.versus[1]} on {args.data}, seeds {v['seeds']}: {v['difference']:+.4f} bits/dim "
+            f"(se over images {v['se_images']:.4f}, z = {v['z_images']:.1f}; over seeds {v['se_seeds']:.4f}, "
+            f"z = {v['z_seeds']:.1f}); lower on {v['images_better']} of {v['num_images']} images; "
+            f"means {v['first_bpd'][0]:.4f} and {v['second_bpd'][0]:.4f}; estimator variance "
+            f"{v['first_estimator_variance_bpd2']:.3f} and {v['second_estimator_variance_bpd2']:.3f} (bits/dim)²"
+        )
+        return 0
     if not args.summary:
         overrides = {} if args.steps is None else {"steps": args.steps}
         run(args.data, args.configs, args.seeds, args.out, eval_times=args.eval_times, overrides=overrides)
