@@ -57,6 +57,11 @@ CONFIGS: dict[str, dict] = {
     "wide-no-dropout": {**_WIDE, "dropout": 0.0},
     "wide-uniform-t": {**_WIDE, "times": "uniform"},
     "wide-no-validation": {**_WIDE, "val_size": 0, "eval_every": 0},
+    # the frozen endpoints of the learned shape, re-chosen for the wide network (validation)
+    "wide-gamma-min-3": {**_WIDE, "gamma_min": -3.0},
+    "wide-gamma-min-4": {**_WIDE, "gamma_min": -4.0},
+    "wider": {"hidden": 512, "depth": 3, "dropout": 0.2},
+    "wide-weight-decay-0.1": {**_WIDE, "weight_decay": 0.1},
     # the forward process learned per dimension (endpoints and shapes), against "wide"
     "multivariate-wide": {
         **_WIDE,
@@ -71,7 +76,7 @@ CONFIGS: dict[str, dict] = {
 }
 
 # the configuration each data set's results use (chosen on the validation split)
-BEST = {"digits": "wide", "digits8": "level-prior-wide"}
+BEST = {"digits": "wider", "digits8": "level-prior-wide"}
 
 _RECIPE = {k: v for k, v in RECIPES["regularized"].items() if k not in ("eval_times", "tuned")}
 
@@ -267,7 +272,8 @@ def summarize(data: str, out: str | Path, names: Sequence[str] | None = None, it
 def versus(data: str, out: str | Path, first: str, second: str) -> dict:
     """Configuration ``first`` against ``second`` on the same test images and seeds, paired
     (:func:`~pyro_diffusion.experiments.schedule_study.paired_over_seeds`; negative: ``first``
-    is better), with each one's mean estimator variance (bits/dim)²."""
+    is better), with each one's mean bound and estimator variance (bits/dim)² over the seeds
+    both have."""
     root = Path(out) / data
     results = []
     for name in (first, second):
@@ -276,6 +282,7 @@ def versus(data: str, out: str | Path, first: str, second: str) -> dict:
             raise FileNotFoundError(f"--versus: no results of {name!r} under {root}")
         results.append(found)
     paired = paired_over_seeds(*results)
+    results = [[r for r in found if r["seed"] in paired["seeds"]] for found in results]
     for key, found in zip(("first", "second"), results):
         paired[f"{key}_estimator_variance_bpd2"] = _mean_sd(r["estimator_variance_bpd2"] for r in found)[0]
         paired[f"{key}_bpd"] = _mean_sd(r["test_bpd_continuous"] for r in found)
