@@ -294,7 +294,7 @@ def versus(data: str, out: str | Path, first: str, second: str) -> dict:
 DEMO_BASELINES = {
     "digits": {
         "pixel_categorical": {"alpha": 0.1, "prior": "uniform"},
-        "categorical_mixture": {"alpha": 1.0, "prior": "uniform"},
+        "categorical_mixture": {"alpha": 0.5, "prior": "uniform"},
     },
     "digits8": {
         "pixel_categorical": {"alpha": 0.01, "prior": "pooled"},
