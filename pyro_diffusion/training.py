@@ -413,11 +413,12 @@ class TrainConfig:
         "model",
         choices=lambda: DECODERS,
     )
-    level_prior: bool = _option(
-        False,
-        "K-level data: the decoder's level masses reweighted by learned per-dimension level logits "
-        "(learns which of the K levels the data take)",
+    level_prior: bool | None = _option(
+        None,
+        "K-level data: the decoder's level masses reweighted by learned per-dimension level logits, "
+        "started at the training data's level frequencies (for data that take few of the K levels)",
         "model",
+        shown="on for K-level data whose training split takes fewer than half of the K levels",
     )
     anchor: float | None = _option(
         None, "the network sees γ − γ(0) + ANCHOR instead of γ (for a learned γ(0))", "model", shown="γ"
@@ -592,6 +593,8 @@ class TrainConfig:
         for name in ("learn_shape", "freeze_endpoints", "progress"):
             if not isinstance(getattr(self, name), bool):
                 fail(name, "True or False")
+        if self.level_prior is not None and not isinstance(self.level_prior, bool):
+            fail("level_prior", "None (chosen from the data), True or False")
         if not isinstance(self.device, str):
             fail("device", "a torch device name such as 'cpu' or 'cuda'")
         if not self.log_snr_max > self.log_snr_min:
@@ -629,8 +632,12 @@ class TrainConfig:
                     raise ValueError(f"{name}: not an option of schedule {self.schedule!r}")
 
     def resolved(self, dataset: Dataset | DataShape | None = None) -> TrainConfig:
-        """A copy with the data-dependent defaults filled in (schedule, network)."""
+        """A copy with the data-dependent defaults filled in (schedule, network, level_prior:
+        on for K-level data whose training split takes fewer than half of the K levels, such as
+        the digits stored as 8-bit data, 17 of 256; off without the data themselves)."""
         values = {}
+        if self.level_prior is None:
+            values["level_prior"] = _few_levels_used(dataset)
         if self.schedule is None:
             values["schedule"] = "log-snr" if dataset is not None and dataset.num_levels else "linear"
         if self.network is None:
@@ -663,6 +670,15 @@ class TrainConfig:
             else:
                 flags += [flag, repr(value) if isinstance(value, float) else str(value)]
         return flags
+
+
+def _few_levels_used(dataset) -> bool:
+    train = getattr(dataset, "train", None)
+    if dataset is None or not dataset.num_levels or train is None:
+        return False
+    K = dataset.num_levels
+    used = torch.round((train.clamp(-1, 1) + 1) / 2 * (K - 1)).unique().numel()
+    return used < K / 2
 
 
 class ConfigMismatchError(ValueError):

@@ -195,7 +195,9 @@ def test_level_prior_starts_at_the_training_data_level_frequencies():
         corner.item(), abs=0.01
     )  # a corner pixel is nearly always 0
     with pytest.raises(ValueError, match="level_prior"):
-        build_diffusion(TrainConfig(data="digits8", hidden=16, depth=1), data).init_level_prior(data.train)
+        build_diffusion(
+            TrainConfig(data="digits8", level_prior=False, hidden=16, depth=1), data
+        ).init_level_prior(data.train)
 
 
 def test_the_likelihood_study_trains_evaluates_pairs_and_tabulates(tmp_path):
@@ -224,3 +226,28 @@ def test_the_likelihood_study_trains_evaluates_pairs_and_tabulates(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         likelihood.main(["--data", "digits", "--configs", "nonsense", "--out", str(tmp_path)])
     assert exit_info.value.code == 2
+
+
+def test_the_level_prior_is_chosen_from_the_data_and_written_into_the_run(tmp_path):
+    from pyro_diffusion.runs import read_json
+    from pyro_diffusion.training import load_model, train
+
+    assert TrainConfig(data="digits8").resolved(load_dataset("digits8")).level_prior is True  # 17 of 256
+    assert TrainConfig(data="digits").resolved(load_dataset("digits")).level_prior is False  # all 17
+    assert (
+        TrainConfig(data="moons").resolved(load_dataset("moons", num_train=10, num_test=10)).level_prior
+        is False
+    )
+    assert (
+        TrainConfig(data="digits8", level_prior=False).resolved(load_dataset("digits8")).level_prior is False
+    )
+    with pytest.raises(ValueError, match="level_prior"):
+        TrainConfig(level_prior="yes")
+    out = tmp_path / "run"
+    train(
+        TrainConfig(data="digits8", steps=2, batch_size=8, hidden=16, depth=1, progress=False),
+        out,
+        figures=False,
+    )
+    assert read_json(out / "config.json")["level_prior"] is True
+    assert load_model(out).level_prior
