@@ -62,6 +62,7 @@ CONFIGS: dict[str, dict] = {
     "wide-gamma-min-4": {**_WIDE, "gamma_min": -4.0},
     "wider": {"hidden": 512, "depth": 3, "dropout": 0.2},
     "wide-weight-decay-0.1": {**_WIDE, "weight_decay": 0.1},
+    "wider-weight-decay-0.1": {"hidden": 512, "depth": 3, "dropout": 0.2, "weight_decay": 0.1},
     # the forward process learned per dimension (endpoints and shapes), against "wide"
     "multivariate-wide": {
         **_WIDE,
