@@ -32,6 +32,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from . import chains
+from .baselines import PixelCategorical
 from .decoders import DECODERS, DiscretizedGaussian, LevelWeightedGaussian
 from .parameterization import (
     MEANS,
@@ -262,20 +263,15 @@ class Diffusion(nn.Module):
     def init_level_prior(self, x0: torch.Tensor, alpha: float = 0.1) -> None:
         """Start the level prior's logits at the log level frequencies of each dimension in
         ``x0`` (training data), with ``alpha · K`` pseudo-counts spread by the pooled
-        frequencies of all dimensions (a level no datum takes keeps a 1e-3 share of one):
+        frequencies of all dimensions (a level no datum takes keeps a 1e-3 share of one; the
+        per-pixel categorical baseline's pooled prior, :class:`~pyro_diffusion.baselines.PixelCategorical`):
         the decoder then starts knowing which of the K levels the data use, instead of
         learning it one optimizer step at a time.  Training calls it for a new run."""
         if not self.level_prior:
             raise ValueError("x0: init_level_prior needs a diffusion with level_prior=True")
         self.check_data(x0)
-        if not alpha > 0:
-            raise ValueError(f"alpha: expected a positive pseudo-count, got {alpha!r}")
-        K = self.num_levels
-        index = torch.round((x0.clamp(-1, 1) + 1) / 2 * (K - 1)).long()
-        counts = torch.nn.functional.one_hot(index, K).to(torch.float64).sum(0)  # (*event, K)
-        pooled = counts.reshape(-1, K).sum(0) + 1e-3
-        counts = counts + alpha * K * pooled / pooled.sum()
-        logits = torch.log(counts / counts.sum(-1, keepdim=True))
+        table = PixelCategorical(self.num_levels, alpha, prior="pooled").fit(x0).log_probs  # (D, K)
+        logits = table.reshape(*self.event_shape, self.num_levels)
         self.decoder_level_logits.copy_(logits.to(self.decoder_level_logits))
 
     def grid(self, num_steps: int | None = None) -> torch.Tensor:

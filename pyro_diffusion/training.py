@@ -95,6 +95,7 @@ from tqdm.auto import tqdm
 
 from . import engine as engine_module
 from . import runs
+from .baselines import to_levels
 from .chains import TIME_SAMPLERS
 from .data import CHANNELS_LAST, IMAGE_MODES, Dataset, load_dataset
 from .decoders import DECODERS
@@ -676,9 +677,7 @@ def _few_levels_used(dataset) -> bool:
     train = getattr(dataset, "train", None)
     if dataset is None or not dataset.num_levels or train is None:
         return False
-    K = dataset.num_levels
-    used = torch.round((train.clamp(-1, 1) + 1) / 2 * (K - 1)).unique().numel()
-    return used < K / 2
+    return to_levels(train, dataset.num_levels).unique().numel() < dataset.num_levels / 2
 
 
 class ConfigMismatchError(ValueError):
