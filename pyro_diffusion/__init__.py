@@ -5,7 +5,15 @@ same sites ``x_T … x_1, x_0``, on a grid of noise levels γ = −log SNR; ``py
 optimizes the full ELBO by running them.
 """
 
-from .bound import BoundEstimate, bits_per_dim, bound, nll, prior_term, vlb_terms
+from .bound import (
+    BoundEstimate,
+    bits_per_dim,
+    bound,
+    importance_weighted_bound,
+    nll,
+    prior_term,
+    vlb_terms,
+)
 from .chains import StepDraw, site_name
 from .decoders import DiscretizedGaussian
 from .diffusion import Diffusion, GaussianDiffusion
@@ -17,6 +25,7 @@ from .schedules import CosineGamma, LearnedGamma, LinearGamma, NoiseSchedule, Sc
 __version__ = "0.2.0"
 
 __all__ = [
+    "importance_weighted_bound",
     "Schedule",
     "NoiseSchedule",
     "LinearGamma",
