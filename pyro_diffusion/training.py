@@ -364,7 +364,13 @@ class TrainConfig:
         shown="DDPM's 1000-step range of noise levels at T levels",
     )
     beta_end: float | None = _option(None, "β_T of the linear schedule", "model", shown="as for --beta-start")
-    log_snr_max: float = _option(7.0, "log SNR at t = 1 of the log-snr schedule", "model")
+    log_snr_max: float | None = _option(
+        None,
+        "log SNR at t = 1 of the log-snr schedule",
+        "model",
+        shown="7; for K-level data 7 + 2 ln((K − 1)/16), so that σ_1 is the same fraction of a level's "
+        "width as at 17 levels (12.5 for 256)",
+    )
     log_snr_min: float = _option(-9.0, "log SNR at t = T of the log-snr schedule", "model")
     gamma_min: float | None = _option(
         None,
@@ -598,7 +604,7 @@ class TrainConfig:
             fail("level_prior", "None (chosen from the data), True or False")
         if not isinstance(self.device, str):
             fail("device", "a torch device name such as 'cpu' or 'cuda'")
-        if not self.log_snr_max > self.log_snr_min:
+        if self.log_snr_max is not None and not self.log_snr_max > self.log_snr_min:
             raise ValueError(
                 f"log_snr_max, log_snr_min: expected max > min, got {self.log_snr_max}, {self.log_snr_min}"
             )
@@ -643,6 +649,8 @@ class TrainConfig:
             values["schedule"] = "log-snr" if dataset is not None and dataset.num_levels else "linear"
         if self.network is None:
             values["network"] = "mlp"
+        if self.log_snr_max is None:
+            values["log_snr_max"] = default_log_snr_max(dataset.num_levels if dataset is not None else None)
         return dataclasses.replace(self, **values) if values else self
 
     def to_dict(self) -> dict:
@@ -671,6 +679,16 @@ class TrainConfig:
             else:
                 flags += [flag, repr(value) if isinstance(value, float) else str(value)]
         return flags
+
+
+def default_log_snr_max(num_levels: int | None) -> float:
+    """The log-snr schedule's log SNR at t = 1 chosen for the data: 7 (σ_1 ≈ 0.03) for
+    continuous data and for 17 levels, and for K levels 7 + 2 ln((K − 1)/16), which keeps σ_1
+    the same fraction (about a quarter) of the spacing between levels, 2/(K − 1): 12.5 for
+    256-level data, so the first steps resolve the levels the decoder must tell apart."""
+    if not num_levels:
+        return 7.0
+    return 7.0 + 2.0 * math.log((num_levels - 1) / 16)
 
 
 def _few_levels_used(dataset) -> bool:
@@ -702,7 +720,7 @@ def build_schedule(config: TrainConfig, event_shape: tuple[int, ...] | None = No
     options = {
         "beta_start": config.beta_start,
         "beta_end": config.beta_end,
-        "log_snr_max": config.log_snr_max,
+        "log_snr_max": 7.0 if config.log_snr_max is None else config.log_snr_max,
         "log_snr_min": config.log_snr_min,
         "learn_shape": config.learn_shape,
     }

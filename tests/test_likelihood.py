@@ -217,6 +217,25 @@ def test_the_likelihood_study_trains_evaluates_pairs_and_tabulates(tmp_path):
     assert parts == pytest.approx(first["test_bpd_continuous"], rel=0.2)  # the same bound, other draws
     again = likelihood.run("digits", ["recipe"], [0], tmp_path, eval_times=2)  # read back, not retrained
     assert again[0] == first
+    iw = likelihood.importance_weighted(
+        tmp_path / "digits" / "recipe" / "seed0", num_steps=5, num_particles=2
+    )
+    assert len(iw["per_image_iw_bpd"]) == 297 and iw["iw_bpd"] <= iw["elbo_bpd"]
+    assert (
+        likelihood.importance_weighted(tmp_path / "digits" / "recipe" / "seed0", num_steps=5, num_particles=2)
+        == iw
+    )
+    curve = likelihood.importance_weighted_curve(
+        tmp_path / "digits" / "recipe" / "seed0",
+        tmp_path / "curve",
+        particles=(1, 2, 4),
+        num_steps=5,
+        num_images=8,
+    )
+    assert [r["particles"] for r in curve["rows"]] == [1, 2, 4]
+    assert (tmp_path / "curve" / "importance_weighted_curve.png").exists()
+    iw_table = likelihood.importance_weighted_table("digits", tmp_path)
+    assert "| recipe | 1 | 5 × 2 × 2 |" in iw_table
     v = likelihood.versus("digits", tmp_path, "level-prior", "recipe")
     assert v["seeds"] == [0, 1] and v["num_images"] == 297
     table = likelihood.summarize("digits", tmp_path, iterations=2)
@@ -251,3 +270,21 @@ def test_the_level_prior_is_chosen_from_the_data_and_written_into_the_run(tmp_pa
     )
     assert read_json(out / "config.json")["level_prior"] is True
     assert load_model(out).level_prior
+
+
+def test_the_log_snr_schedule_starts_at_a_fixed_fraction_of_the_level_spacing(tmp_path):
+    from pyro_diffusion.training import build_diffusion, default_log_snr_max
+
+    assert default_log_snr_max(None) == 7.0 and default_log_snr_max(17) == 7.0
+    for K in (17, 256):
+        sigma_1 = (1 / (1 + math.exp(default_log_snr_max(K)))) ** 0.5
+        assert sigma_1 / (2 / (K - 1)) == pytest.approx(0.2409, abs=1e-3)  # the same fraction of a level
+    config = TrainConfig(data="digits8", hidden=8, depth=1)
+    resolved = config.resolved(load_dataset("digits8"))
+    assert resolved.schedule == "log-snr" and resolved.log_snr_max == pytest.approx(
+        7 + 2 * math.log(255 / 16)
+    )
+    diffusion = build_diffusion(resolved, load_dataset("digits8"))
+    assert -diffusion.grid()[0].item() == pytest.approx(resolved.log_snr_max, abs=1e-6)
+    assert TrainConfig(data="digits").resolved(load_dataset("digits")).log_snr_max == 7.0
+    assert TrainConfig(data="digits8", log_snr_max=9.0).resolved(load_dataset("digits8")).log_snr_max == 9.0
