@@ -123,7 +123,12 @@ def test_cli_evaluate_importance_weighted(tmp_path, capsys):
     assert metrics["test_iw_num_steps"] == 20 and metrics["test_iw_particles"] == 4
     assert metrics["test_bits_per_dim"] == elbo  # the ELBO is kept beside it
     assert metrics["test_iw_bits_per_dim"] < elbo  # an untrained chain: far from its posterior
-    for bad in (["--num-steps", "0"], ["--num-steps", "1"], ["--num-times", "5"], ["--importance-particles", "0"]):
+    for bad in (
+        ["--num-steps", "0"],
+        ["--num-steps", "1"],
+        ["--num-times", "5"],
+        ["--importance-particles", "0"],
+    ):
         args = ["evaluate", "--run", str(run), "--no-progress"]
         if bad[0] != "--importance-particles":
             args += ["--importance-particles", "4"]

@@ -188,4 +188,10 @@ def test_the_quick_study_writes_only_under_out(tmp_path):
     for cell in data["summary"]:
         methods = cell["methods"]
         assert methods["floor"]["sw"] < methods["ceiling"]["sw"]
-    assert "exact (floor)" in (out / "table.md").read_text()
+        assert {"tds", "tds-av", "tds@256", "tds-av@256", "mcgdiff", "mcgdiff-av@256"} <= set(methods)
+        # the evaluations reading admits only the methods within the budget on every problem
+        strict = cell["readings"]["evaluations"]["best"]
+        assert methods[strict]["max_evaluations"] <= cell["budget"]
+        assert methods["tds-av@256"]["setup_evaluations"] == 200 * 20
+    table = (out / "table.md").read_text()
+    assert "exact (floor)" in table and "evaluations ≤ 1e5" in table

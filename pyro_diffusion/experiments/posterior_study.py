@@ -16,16 +16,23 @@ total variation between the posterior's component weights and their estimate fro
 **floor**, ``num_draws`` fresh exact draws against the same reference (what a perfect sampler
 scores), and the **ceiling**, ``num_draws`` prior draws (what ignoring y scores).
 
-Methods: twisted SMC (``tds``), MCGdiff (``mcgdiff``, in ``num_runs`` batched independent
-runs), DDRM, replacement in the SVD basis, and DPS with a step per unit of noise level at
-each λ of ``dps_grid`` (the table shows the λ with the lowest median per cell, which favours
-DPS).  The paired test is a Wilcoxon signed-rank test over the problems of a cell on the
-difference of SW between the best method and the best DPS.
+Methods: twisted SMC (``tds``, ``num_particles``), MCGdiff (``mcgdiff``, in ``num_runs``
+batched independent runs of ``mcgdiff_particles`` in all), the same samplers with the per-level
+reverse variances of :func:`~pyro_diffusion.inference.variances.analytic_variances` (rows
+``-av``, estimated from ``variance_samples`` prior draws standing in for training data; only the
+denoiser is called) and with ``small_particles`` particles (rows ``@N``), DDRM, replacement in
+the SVD basis, and DPS with a step per unit of noise level at each λ of ``dps_grid`` (the table
+shows the λ with the lowest median per cell, which favours DPS).  Weighted particles are turned
+into draws by ``draw_scheme`` resampling.  The budget is read two ways: network calls per
+problem (one batched call counts once) and per-datum evaluations (a call on N particles counts
+N; the variance estimate is per model and counted apart, ``setup_evaluations``); under each the
+best sampler within ``evaluation_budget`` is compared with the best DPS by a Wilcoxon
+signed-rank test over the problems of a cell on the difference of SW.
 
 Run ``python -m pyro_diffusion.experiments.posterior_study --out runs/posterior`` (``--quick``
-for a run of under a minute; ``--docs`` also writes the table as the last section of
-``docs/prior.md``, ``--docs-from-results`` writes it from ``OUT/results.json`` of an earlier run
-without running again).
+for a run of under a minute; ``--docs`` also writes the table as section 8 of
+``docs/prior.md``, replacing only that section; ``--docs-from-results`` writes it from
+``OUT/results.json`` of an earlier run without running again).
 """
 
 from __future__ import annotations
@@ -47,8 +54,19 @@ from ..inference.heuristics import dps_sample, replacement_sample
 from ..inference.mcgdiff import mcgdiff
 from ..inference.mixture import mixture_diffusion, mode_weight_error, random_problem, sliced_wasserstein
 from ..inference.smc import twisted_smc
+from ..inference.variances import analytic_variances
 
-__all__ = ["StudyConfig", "run_problem", "run_study", "summarize", "markdown_table", "main"]
+__all__ = [
+    "StudyConfig",
+    "run_problem",
+    "run_study",
+    "samplers",
+    "summarize",
+    "markdown_table",
+    "goal_lines",
+    "spread_diagnostic",
+    "main",
+]
 
 SECTION_TITLE = "## 8. Posterior sampling at dimension 8–64 (2026-12-01)"
 
@@ -70,6 +88,12 @@ class StudyConfig:
         noise_range=(0.03, 1.0),
         dps_grid=(1.0, 3.0, 10.0),
         num_projections: int = 200,
+        small_particles: int = 1000,
+        variance_samples: int = 1000,
+        variance_diagonal: bool = True,
+        analytic_twist: bool = False,
+        draw_scheme: str = "systematic",
+        evaluation_budget: int = 100000,
         seed: int = 0,
     ) -> None:
         self.dims = tuple(dims)
@@ -84,6 +108,12 @@ class StudyConfig:
         self.noise_range = tuple(noise_range)
         self.dps_grid = tuple(dps_grid)
         self.num_projections = num_projections
+        self.small_particles = small_particles
+        self.variance_samples = variance_samples
+        self.variance_diagonal = variance_diagonal
+        self.analytic_twist = analytic_twist
+        self.draw_scheme = draw_scheme
+        self.evaluation_budget = evaluation_budget
         self.seed = seed
 
     @staticmethod
@@ -130,22 +160,73 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         "floor": score(posterior.sample((n,))),
         "ceiling": score(problem.mixture.sample(n, generator)),
     }
-    N = config.num_particles
-    r = twisted_smc(diffusion, obs, y, num_particles=N, num_steps=K)
-    rows["tds"] = score(
-        r.sample(n, generator), r.seconds, r.network_calls, r.network_calls * N, {"ess": r.ess}
+    # per-level reverse variances (Analytic-DPM) from M draws of the prior, standing in for the
+    # training data: only the network is called; once per model, shared by every observation
+    data = problem.mixture.sample(config.variance_samples, torch.Generator().manual_seed(seed + 7))
+    start = time.perf_counter()
+    variances = analytic_variances(
+        diffusion,
+        data.to(torch.get_default_dtype()),
+        num_steps=K,
+        diagonal=config.variance_diagonal,
+        seed=seed,
     )
-    per_run = max(2, config.mcgdiff_particles // config.num_runs)
-    r = mcgdiff(diffusion, obs, y, num_particles=per_run, num_runs=config.num_runs, num_steps=K)
-    # the runs' agreement: the spread of their evidence estimates (nats)
-    spread = float(r.diagnostics["log_evidence_runs"].std()) if config.num_runs > 1 else float("nan")
-    rows["mcgdiff"] = score(
-        r.sample(n, generator),
-        r.seconds,
-        r.network_calls,
-        r.network_calls * per_run * config.num_runs,
-        {"ess": r.ess, "log_evidence_spread": spread},
-    )
+    setup = {"setup_seconds": time.perf_counter() - start, "setup_evaluations": variances.evaluations}
+    twist = "analytic" if config.analytic_twist else "pigdm"
+    scheme = config.draw_scheme
+
+    def smc_row(name, num_particles, reverse_variance=None):
+        r = twisted_smc(
+            diffusion,
+            obs,
+            y,
+            num_particles=num_particles,
+            num_steps=K,
+            reverse_variance=reverse_variance,
+            twist_variance="pigdm" if reverse_variance is None else twist,
+        )
+        extra = {"ess": r.ess, **(setup if reverse_variance is not None else {})}
+        rows[name] = score(
+            r.sample(n, generator, scheme=scheme),
+            r.seconds,
+            r.network_calls,
+            r.network_calls * num_particles,
+            extra,
+        )
+
+    def mcgdiff_row(name, num_particles, reverse_variance=None):
+        per_run = max(2, num_particles // config.num_runs)
+        r = mcgdiff(
+            diffusion,
+            obs,
+            y,
+            num_particles=per_run,
+            num_runs=config.num_runs,
+            num_steps=K,
+            reverse_variance=reverse_variance,
+        )
+        # the runs' agreement: the spread of their evidence estimates (nats)
+        spread = float(r.diagnostics["log_evidence_runs"].std()) if config.num_runs > 1 else float("nan")
+        extra = {
+            "ess": r.ess,
+            "log_evidence_spread": spread,
+            **(setup if reverse_variance is not None else {}),
+        }
+        rows[name] = score(
+            r.sample(n, generator, scheme=scheme),
+            r.seconds,
+            r.network_calls,
+            r.network_calls * per_run * config.num_runs,
+            extra,
+        )
+
+    small = config.small_particles
+    smc_row("tds", config.num_particles)
+    smc_row("tds-av", config.num_particles, variances)
+    smc_row(f"tds@{small}", small)
+    smc_row(f"tds-av@{small}", small, variances)
+    mcgdiff_row("mcgdiff", config.mcgdiff_particles)
+    mcgdiff_row(f"mcgdiff-av@{small}", small, variances)
     r = ddrm_sample(diffusion, obs, y, n, num_steps=K)
     rows["ddrm"] = score(r.draws, r.seconds, r.network_calls, r.network_calls * n)
     r = replacement_sample(diffusion, obs, y, n, num_steps=K)
@@ -172,7 +253,17 @@ def run_study(config: StudyConfig, progress: bool = True) -> list[dict]:
     return results
 
 
-SAMPLERS = ("tds", "mcgdiff", "ddrm", "replacement")
+#: the reference rows and the DPS rows (its λ grid) are not samplers in the comparison
+_NOT_SAMPLERS = ("floor", "ceiling")
+
+#: the two readings of the budget: network calls per problem (one batched call counts once),
+#: and per-datum evaluations (a call on N particles counts N)
+READINGS = ("calls", "evaluations")
+
+
+def samplers(names) -> list[str]:
+    """The compared samplers among the method names of a problem (not the floor, the ceiling or DPS)."""
+    return [n for n in names if n not in _NOT_SAMPLERS and not n.startswith("dps@")]
 
 
 def _wilcoxon(a: list[float], b: list[float]) -> float:
@@ -185,10 +276,37 @@ def _wilcoxon(a: list[float], b: list[float]) -> float:
     return float(wilcoxon(a, b).pvalue)
 
 
-def summarize(results: list[dict]) -> list[dict]:
+def _best(stats: dict, rows: list[dict], candidates: list[str], best_dps: str) -> dict:
+    """The candidate with the lowest median SW, its ratio to the floor and its paired test
+    against the best DPS."""
+    if not candidates:
+        nan = float("nan")
+        return {
+            "best": None,
+            "best_over_floor": nan,
+            "best_over_floor_per_problem_median": nan,
+            "wins_over_dps": 0,
+            "p_value_vs_dps": nan,
+        }
+    best = min(candidates, key=lambda n: stats[n]["sw"])
+    ratios = [r["methods"][best]["sw"] / r["methods"]["floor"]["sw"] for r in rows]
+    wins = sum(r["methods"][best]["sw"] < r["methods"][best_dps]["sw"] for r in rows)
+    return {
+        "best": best,
+        "best_over_floor": stats[best]["sw"] / stats["floor"]["sw"],
+        "best_over_floor_per_problem_median": statistics.median(ratios),
+        "wins_over_dps": wins,
+        "p_value_vs_dps": _wilcoxon(stats[best]["sw_values"], stats[best_dps]["sw_values"]),
+    }
+
+
+def summarize(results: list[dict], budget: int = 100000) -> list[dict]:
     """One summary per (d, d_y): per method the median and quartiles of SW, the median max-SW,
-    mode-weight error, seconds, calls and evaluations; the best DPS λ; the best sampler and its
-    paired test against DPS."""
+    mode-weight error, seconds, calls and evaluations; the best DPS λ; under each reading of the
+    budget (``readings``: ``"calls"``, every sampler with at most ``budget`` network calls per
+    problem; ``"evaluations"``, those with at most ``budget`` per-datum evaluations on every
+    problem) the best sampler and its paired test against DPS.  The top-level ``best`` … keys
+    are the ``"calls"`` reading's."""
     cells: dict[tuple[int, int], list[dict]] = {}
     for row in results:
         cells.setdefault((row["dim"], row["num_observations"]), []).append(row)
@@ -209,29 +327,40 @@ def summarize(results: list[dict]) -> list[dict]:
                 "seconds": statistics.median(vals["seconds"]),
                 "network_calls": statistics.median(vals["network_calls"]),
                 "evaluations": statistics.median(vals["evaluations"]),
+                "max_calls": max(vals["network_calls"]),
+                "max_evaluations": max(vals["evaluations"]),
+                "setup_evaluations": statistics.median(vals.get("setup_evaluations", [0])),
                 "sw_values": vals["sw"],
             }
         dps_names = [n for n in names if n.startswith("dps@")]
         best_dps = min(dps_names, key=lambda n: stats[n]["sw"])
-        best = min(SAMPLERS, key=lambda n: stats[n]["sw"])
-        floor = stats["floor"]["sw"]
-        ratios = [r["methods"][best]["sw"] / r["methods"]["floor"]["sw"] for r in rows]
-        wins = sum(r["methods"][best]["sw"] < r["methods"][best_dps]["sw"] for r in rows)
+        compared = samplers(names)
+        readings = {
+            "calls": _best(stats, rows, [n for n in compared if stats[n]["max_calls"] <= budget], best_dps),
+            "evaluations": _best(
+                stats, rows, [n for n in compared if stats[n]["max_evaluations"] <= budget], best_dps
+            ),
+        }
         summary.append(
             {
                 "dim": d,
                 "num_observations": m,
                 "num_problems": len(rows),
                 "methods": stats,
+                "samplers": compared,
                 "best_dps": best_dps,
-                "best": best,
-                "best_over_floor": stats[best]["sw"] / floor,
-                "best_over_floor_per_problem_median": statistics.median(ratios),
-                "wins_over_dps": wins,
-                "p_value_vs_dps": _wilcoxon(stats[best]["sw_values"], stats[best_dps]["sw_values"]),
+                "budget": budget,
+                "readings": readings,
+                **readings["calls"],
             }
         )
     return summary
+
+
+def _budget(x: float) -> str:
+    """1e5 for 100000."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
 
 
 def _fmt(x: float) -> str:
@@ -239,7 +368,9 @@ def _fmt(x: float) -> str:
 
 
 def markdown_table(summary: list[dict]) -> str:
-    """The results as Markdown: one table per d (rows: d_y × method)."""
+    """The results as Markdown: one table per d (rows: d_y × method; the best under the calls
+    reading in bold, under the evaluations reading marked †), then the best per cell under each
+    reading."""
     lines = []
     for d in sorted({s["dim"] for s in summary}):
         lines += [
@@ -250,14 +381,16 @@ def markdown_table(summary: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in (s for s in summary if s["dim"] == d):
-            for name in ("floor", "ceiling", *SAMPLERS, s["best_dps"]):
+            for name in ("floor", "ceiling", *s["samplers"], s["best_dps"]):
                 st = s["methods"][name]
                 label = {"floor": "exact (floor)", "ceiling": "prior (ceiling)"}.get(name, name)
-                if name == s["best"]:
+                if name == s["readings"]["evaluations"]["best"]:
+                    label = f"{label} †"
+                if name == s["readings"]["calls"]["best"]:
                     label = f"**{label}**"
-                timing = "" if name in ("floor", "ceiling") else f"{st['seconds']:.2f}"
-                calls = "" if name in ("floor", "ceiling") else f"{st['network_calls']:.0f}"
-                evals = "" if name in ("floor", "ceiling") else f"{st['evaluations']:.0f}"
+                timing = "" if name in _NOT_SAMPLERS else f"{st['seconds']:.2f}"
+                calls = "" if name in _NOT_SAMPLERS else f"{st['network_calls']:.0f}"
+                evals = "" if name in _NOT_SAMPLERS else f"{st['evaluations']:.0f}"
                 lines.append(
                     f"| {s['num_observations']} | {label} | {_fmt(st['sw'])} [{_fmt(st['sw_q1'])}, "
                     f"{_fmt(st['sw_q3'])}] | {_fmt(st['max_sw'])} | {_fmt(st['mode_error'])} | {timing} | "
@@ -265,40 +398,79 @@ def markdown_table(summary: list[dict]) -> str:
                 )
         lines.append("")
     lines += [
-        "| d | d_y | best | best / floor (medians) | median of per-problem ratios | within 1.5× | "
-        "beats best DPS on | Wilcoxon p vs DPS |",
-        "|---|---|---|---|---|---|---|---|",
+        "| d | d_y | budget reading | best | best / floor (medians) | median of per-problem ratios | "
+        "within 1.5× | beats best DPS on | Wilcoxon p vs DPS |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summary:
-        ok = "yes" if s["best_over_floor"] <= 1.5 else "no"
-        lines.append(
-            f"| {s['dim']} | {s['num_observations']} | {s['best']} | {s['best_over_floor']:.2f} | "
-            f"{s['best_over_floor_per_problem_median']:.2f} | {ok} | {s['wins_over_dps']}/{s['num_problems']} "
-            f"({s['best_dps']}) | {s['p_value_vs_dps']:.2g} |"
-        )
+        for reading in READINGS:
+            b = s["readings"][reading]
+            ok = "yes" if b["best_over_floor"] <= 1.5 else "no"
+            lines.append(
+                f"| {s['dim']} | {s['num_observations']} | {reading} ≤ {_budget(s['budget'])} | {b['best']} | "
+                f"{b['best_over_floor']:.2f} | {b['best_over_floor_per_problem_median']:.2f} | {ok} | "
+                f"{b['wins_over_dps']}/{s['num_problems']} ({s['best_dps']}) | {b['p_value_vs_dps']:.2g} |"
+            )
     return "\n".join(lines) + "\n"
 
 
-def goal_lines(summary: list[dict]) -> list[str]:
-    """The goal, cell by cell, from the numbers: the best sampler within 1.5× of the floor
-    (ratio of medians) and better than the best DPS at the 1% level (paired Wilcoxon)."""
+def goal_lines(summary: list[dict], reading: str = "calls") -> list[str]:
+    """The goal, cell by cell, from the numbers, under one reading of the budget: the best
+    sampler within 1.5× of the floor (ratio of medians) and better than the best DPS at the 1%
+    level (paired Wilcoxon) on most problems; then the count of cells that meet it."""
     lines = []
+    met = 0
     for s in summary:
-        near = s["best_over_floor"] <= 1.5
-        better = s["p_value_vs_dps"] < 0.01 and s["wins_over_dps"] > s["num_problems"] / 2
+        b = s["readings"][reading]
+        near = b["best_over_floor"] <= 1.5
+        better = b["p_value_vs_dps"] < 0.01 and b["wins_over_dps"] > s["num_problems"] / 2
+        met += near and better
         lines.append(
-            f"* d = {s['dim']}, d_y = {s['num_observations']}: {s['best']} at "
-            f"{s['best_over_floor']:.2f}× the floor ({'within' if near else 'not within'} 1.5×); "
+            f"* d = {s['dim']}, d_y = {s['num_observations']}: {b['best']} at "
+            f"{b['best_over_floor']:.2f}× the floor ({'within' if near else 'not within'} 1.5×); "
             f"{'significantly better' if better else 'not significantly better'} than the best DPS "
-            f"({s['best_dps']}; better on {s['wins_over_dps']}/{s['num_problems']} problems, "
-            f"Wilcoxon p = {s['p_value_vs_dps']:.2g})."
+            f"({s['best_dps']}; better on {b['wins_over_dps']}/{s['num_problems']} problems, "
+            f"Wilcoxon p = {b['p_value_vs_dps']:.2g})."
         )
+    lines.append(f"* Met in {met} of {len(summary)} cells.")
     return lines
 
 
-def docs_section(config: StudyConfig, summary: list[dict], seconds: float, argv) -> str:
-    """The docs section: the command, the settings, the tables and the goal per cell."""
+def spread_diagnostic(results: list[dict], method: str) -> dict:
+    """Whether the spread of a multi-run method's evidence estimates (``log_evidence_spread``)
+    tells its bad problems from its good ones *within* a cell (d and d_y fixed, so the spread is
+    not confounded with them): per cell the Spearman rank correlation between the spread and
+    SW / floor over the problems; returns the per-cell values, their median and the number of
+    cells where it is positive."""
+    from scipy.stats import spearmanr
+
+    cells: dict[tuple[int, int], list[dict]] = {}
+    for row in results:
+        cells.setdefault((row["dim"], row["num_observations"]), []).append(row)
+    per_cell = {}
+    for key, rows in sorted(cells.items()):
+        spread = [r["methods"][method]["log_evidence_spread"] for r in rows]
+        ratio = [r["methods"][method]["sw"] / r["methods"]["floor"]["sw"] for r in rows]
+        if len(rows) > 2 and len(set(spread)) > 1:
+            per_cell[f"{key[0]}/{key[1]}"] = float(spearmanr(spread, ratio).statistic)
+    values = [v for v in per_cell.values() if not math.isnan(v)]
+    return {
+        "per_cell": per_cell,
+        "median": statistics.median(values) if values else float("nan"),
+        "positive": sum(v > 0 for v in values),
+        "cells": len(values),
+    }
+
+
+def docs_section(
+    config: StudyConfig, summary: list[dict], seconds: float, argv, results: list[dict] | None = None
+) -> str:
+    """The docs section: the command, the settings, the tables and the goal per cell under
+    both readings of the budget."""
     command = "python -m pyro_diffusion.experiments.posterior_study " + " ".join(argv or [])
+    small = config.small_particles
+    setup = statistics.median(s["methods"][f"tds-av@{small}"]["setup_evaluations"] for s in summary)
+    budget = _budget(config.evaluation_budget)
     return "\n".join(
         [
             SECTION_TITLE,
@@ -310,33 +482,74 @@ def docs_section(config: StudyConfig, summary: list[dict], seconds: float, argv)
             f"({seconds / 60:.1f} min on one CPU thread).  Settings: {config.num_problems} problems per "
             f"(d, d_y), σ_y log-evenly from {config.noise_range[0]} to {config.noise_range[1]}, "
             f"{config.num_components} components, K = {config.num_steps} levels for every method, "
-            f"twisted SMC with {config.num_particles} particles, MCGdiff {config.num_runs} runs × "
-            f"{config.mcgdiff_particles // config.num_runs}, {config.num_draws} draws per method against "
-            f"{config.num_reference} exact draws, DPS λ ∈ {list(config.dps_grid)} (step per unit of γ).",
+            f"twisted SMC with {config.num_particles} and {small} particles, MCGdiff {config.num_runs} runs × "
+            f"{config.mcgdiff_particles // config.num_runs} and {config.num_runs} × {small // config.num_runs}, "
+            f"{config.num_draws} draws per method against {config.num_reference} exact draws "
+            f"({config.draw_scheme} resampling of weighted particles), DPS λ ∈ {list(config.dps_grid)} "
+            f"(step per unit of γ).  Rows `-av`: per-level reverse variances from `analytic_variances` "
+            f"({'diagonal' if config.variance_diagonal else 'isotropic'}, {config.variance_samples} prior "
+            f"draws standing in for training data, {setup:.0f} per-datum evaluations once per model, not "
+            f"counted per observation), twist variance {'analytic' if config.analytic_twist else 'ΠGDM'}.  "
+            f"Best under the calls reading (≤ {budget} network calls per problem) in bold, under the "
+            f"evaluations reading (≤ {budget} per-datum evaluations on every problem) marked †.",
             "",
             markdown_table(summary),
-            "Goal per cell (best sampler within 1.5× of the floor; better than the best DPS at p < 0.01, "
-            "paired over problems):",
+            "Goal per cell, reading the budget as network calls (best sampler within 1.5× of the floor; "
+            "better than the best DPS at p < 0.01, paired over problems):",
             "",
-            *goal_lines(summary),
+            *goal_lines(summary, "calls"),
             "",
+            f"Goal per cell, reading the budget as per-datum evaluations (≤ {budget} on every problem):",
+            "",
+            *goal_lines(summary, "evaluations"),
+            "",
+            *_spread_lines(config, results),
         ]
     )
 
 
+def _spread_lines(config: StudyConfig, results: list[dict] | None) -> list[str]:
+    """The within-cell rank correlation of MCGdiff's evidence spread with its error."""
+    if not results or config.num_runs < 2:
+        return []
+    lines = [
+        f"Independent runs as a diagnostic: Spearman correlation, within each (d, d_y) cell, between "
+        f"the spread (sd) of the {config.num_runs} runs' log-evidence estimates and SW / floor:",
+        "",
+    ]
+    for method in ("mcgdiff", f"mcgdiff-av@{config.small_particles}"):
+        if method not in results[0]["methods"]:
+            continue
+        diag = spread_diagnostic(results, method)
+        cells = ", ".join(f"{k}: {v:.2f}" for k, v in diag["per_cell"].items())
+        lines.append(
+            f"* {method}: median {diag['median']:.2f}, positive in {diag['positive']} of {diag['cells']} "
+            f"cells ({cells})."
+        )
+    return lines + [""]
+
+
 def write_docs(path: Path, section: str) -> None:
-    """Replace (or append) the study's section, the last of ``docs/prior.md``."""
+    """Replace the study's section of ``docs/prior.md`` (from its title to the next ``## ``
+    heading, or the end), or append it; the rest of the file is left as it is."""
     text = path.read_text()
     if SECTION_TITLE in text:
-        text = text[: text.index(SECTION_TITLE)]
-    path.write_text(text.rstrip("\n") + "\n\n" + section)
+        start = text.index(SECTION_TITLE)
+        following = text.find("\n## ", start + len(SECTION_TITLE))
+        rest = "" if following < 0 else text[following + 1 :]
+        text = (
+            text[:start].rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
+        )
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/posterior", help="output folder (the only place written)")
     parser.add_argument("--quick", action="store_true", help="d = 8, two problems per cell, K = 20")
-    parser.add_argument("--docs", action="store_true", help="also write the last section of docs/prior.md")
+    parser.add_argument("--docs", action="store_true", help="also write section 8 of docs/prior.md")
     parser.add_argument(
         "--docs-from-results",
         action="store_true",
@@ -353,9 +566,9 @@ def main(argv=None) -> dict:
     if args.docs_from_results:
         saved = json.loads((Path(args.out) / "results.json").read_text())
         config = StudyConfig(**saved["config"])
-        summary = summarize(saved["problems"])
+        summary = summarize(saved["problems"], config.evaluation_budget)
         command = saved.get("argv", ["--out", args.out])
-        write_docs(docs, docs_section(config, summary, saved["seconds"], command))
+        write_docs(docs, docs_section(config, summary, saved["seconds"], command, saved["problems"]))
         return {"summary": summary, "seconds": saved["seconds"]}
     torch.set_num_threads(1)
     config = StudyConfig()
@@ -366,6 +579,8 @@ def main(argv=None) -> dict:
             num_steps=20,
             num_particles=512,
             mcgdiff_particles=512,
+            small_particles=256,
+            variance_samples=200,
             num_draws=300,
             num_reference=600,
         )
@@ -383,7 +598,7 @@ def main(argv=None) -> dict:
     start = time.perf_counter()
     results = run_study(config, progress=not args.no_progress)
     seconds = time.perf_counter() - start
-    summary = summarize(results)
+    summary = summarize(results, config.evaluation_budget)
     table = markdown_table(summary)
     (out / "results.json").write_text(
         json.dumps(
@@ -401,7 +616,7 @@ def main(argv=None) -> dict:
     print(table)
     print(f"{len(results)} problems in {seconds:.0f} s; written to {out}/")
     if args.docs:
-        write_docs(docs, docs_section(config, summary, seconds, argv))
+        write_docs(docs, docs_section(config, summary, seconds, argv, results))
     return {"summary": summary, "seconds": seconds}
 
 

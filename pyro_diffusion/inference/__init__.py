@@ -11,6 +11,8 @@ Every method takes any :class:`~pyro_diffusion.diffusion.Diffusion` (a DDPM from
 * :mod:`.smc` — twisted SMC (Wu et al. 2023) as a batched particle loop, ESS per step.
 * :mod:`.nuts` — NUTS over the whole (non-centred) chain with :class:`pyro.infer.MCMC`.
 * :mod:`.svi` — SVI with a guide over x_0 and the forward chain over x_{1:K}.
+* :mod:`.variances` — per-level reverse variances estimated from the network (Analytic-DPM),
+  for ``reverse_variance=`` of twisted SMC and MCGdiff.
 * :mod:`.mcgdiff` — SMC with proposals from the observation in the noised space (MCGdiff),
   batched independent runs.
 * :mod:`.ddrm` — DDRM for linear observations (SVD of A).
@@ -38,12 +40,13 @@ from .mixture import (
     random_problem,
     sliced_wasserstein,
 )
-from .nuts import conditional_model, nuts_conditional
+from .nuts import conditional_model, noise_from_draws, noise_model, nuts_conditional
 from .observations import LinearObservation
 from .prior import DiffusionPrior
 from .result import PosteriorResult
 from .smc import twisted_smc
 from .svi import MonteCarloNormal, chain_guide, svi_conditional
+from .variances import ReverseVariances, analytic_variances, ancestral_sample
 
 __all__ = [
     "DiffusionPrior",
@@ -54,6 +57,8 @@ __all__ = [
     "ddrm_sample",
     "nuts_conditional",
     "conditional_model",
+    "noise_model",
+    "noise_from_draws",
     "svi_conditional",
     "chain_guide",
     "MonteCarloNormal",
@@ -70,4 +75,7 @@ __all__ = [
     "random_problem",
     "sliced_wasserstein",
     "mode_weight_error",
+    "analytic_variances",
+    "ReverseVariances",
+    "ancestral_sample",
 ]

@@ -41,6 +41,7 @@ from .observations import LinearObservation, check_conditioning
 from .prior import frozen, inference_grid, relaxed
 from .result import PosteriorResult
 from .smc import RESAMPLING, resample
+from .variances import ReverseVariances, check_variances
 
 __all__ = ["mcgdiff"]
 
@@ -68,6 +69,7 @@ def mcgdiff(
     num_steps: int | None = None,
     ess_threshold: float = 0.5,
     resampling: str = "systematic",
+    reverse_variance: ReverseVariances | None = None,
     seed: int | None = None,
     progress: bool = False,
 ) -> PosteriorResult:
@@ -82,6 +84,8 @@ def mcgdiff(
         num_steps: the grid: None the model's own, K a K-level grid (``diffusion.grid(K)``).
         ess_threshold: resample a run when its ESS < ess_threshold · N.
         resampling: ``"systematic"``, ``"stratified"`` or ``"multinomial"``.
+        reverse_variance: None (the model's) or per-level variances from
+            :func:`~pyro_diffusion.inference.variances.analytic_variances` on the same grid.
         seed: seed for Pyro's and torch's generators (None: leave them).
         progress: a progress bar over the K levels.
 
@@ -107,6 +111,7 @@ def mcgdiff(
     if resampling not in RESAMPLING:
         raise ValueError(f"resampling: expected one of {RESAMPLING}, got {resampling!r}")
     grid = inference_grid(diffusion, num_steps)
+    variances = check_variances(diffusion, reverse_variance, grid)
     if seed is not None:
         pyro.set_rng_seed(seed)
     start = time.perf_counter()
@@ -200,8 +205,9 @@ def mcgdiff(
             else:
                 step = relaxed(diffusion.decoder_distribution(x, grid[0]))
             network_calls += int(k > 1 or diffusion.decoder_uses_network)
+            scale = step.scale if variances is None else variances.scale(k, step.loc)
             log_g_prev = log_g(x_bar, k)
-            x, x_bar, increment = move(step.loc, step.scale, k - 1)
+            x, x_bar, increment = move(step.loc, scale, k - 1)
             index = reweight(increment - log_g_prev)
             if index is not None:
                 x, x_bar = x[index], x_bar[index]
@@ -221,6 +227,7 @@ def mcgdiff(
             "num_runs": R,
             "ess_threshold": float(ess_threshold),
             "resampling": resampling,
+            "reverse_variance": "model" if variances is None else variances.estimator,
         },
         seconds=time.perf_counter() - start,
         network_calls=network_calls,

@@ -105,13 +105,28 @@ class PosteriorResult:
         w = self.weights.reshape(-1, *(1,) * len(self.event_shape))
         return (w * self.draws.to(torch.float64)).sum(0)
 
-    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def sample(
+        self, num_samples: int, generator: torch.Generator | None = None, scheme: str = "multinomial"
+    ) -> torch.Tensor:
         """``num_samples`` equally weighted draws ``(num_samples, *event_shape)``: fresh draws
-        when the method has a generative posterior (SVI), else multinomial resampling of the
-        (weighted) draws."""
+        when the method has a generative posterior (SVI), else resampling of the (weighted)
+        draws by ``scheme``: ``"multinomial"`` (independent picks) or ``"systematic"`` (one
+        uniform shift, ``num_samples`` evenly spaced points through the weights' CDF, then
+        shuffled: with equal weights and ``num_samples`` = n every draw is kept once)."""
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples: expected a positive int, got {num_samples!r}")
+        if scheme not in ("multinomial", "systematic"):
+            raise ValueError(f"scheme: expected 'multinomial' or 'systematic', got {scheme!r}")
         if self.sampler is not None:
             return self.sampler(num_samples, generator)
-        index = torch.multinomial(self.weights.cpu(), num_samples, replacement=True, generator=generator)
+        weights = self.weights.cpu()
+        if scheme == "multinomial":
+            index = torch.multinomial(weights, num_samples, replacement=True, generator=generator)
+        else:
+            shift = torch.rand((), dtype=torch.float64, generator=generator)
+            points = (shift + torch.arange(num_samples, dtype=torch.float64)) / num_samples
+            cdf = weights.cumsum(-1)
+            cdf[-1] = 1.0
+            index = torch.searchsorted(cdf, points).clamp(max=weights.shape[0] - 1)
+            index = index[torch.randperm(num_samples, generator=generator)]
         return self.draws[index.to(self.draws.device)]

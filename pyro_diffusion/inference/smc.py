@@ -14,7 +14,9 @@ each carries a *twisting function*
 
 with x̂_0 the denoiser's estimate of x_0 at level γ_k and ``r_k = σ_k² = sigmoid(γ_k)``
 (= 1 − ᾱ_k) an allowance for its error (the ΠGDM choice; ``twist_variance="none"`` gives
-r_k = 0 as in TDS).  Particles move by the twisted proposal and are reweighted:
+r_k = 0 as in TDS; ``"analytic"`` the estimated mean conditional variance of x_0 given x_k,
+(σ_k²/α_k²)(1 − Γ_k), from :func:`~pyro_diffusion.inference.variances.analytic_variances`).
+Particles move by the twisted proposal and are reweighted:
 
 .. math::
 
@@ -34,8 +36,10 @@ twists (they only affect the variance), and the product of mean weights is an un
 estimate of the evidence p_θ(y).
 
 After every reweighting the effective sample size ESS = 1/Σ w̄² is recorded and the particles
-are resampled (systematic resampling) when it falls below ``ess_threshold · N``.  Densities
-are :mod:`pyro.distributions` objects.  Cost: one network call (with its gradient) per level
+are resampled (systematic resampling) when it falls below ``ess_threshold · N``.  With
+``reverse_variance`` the chain's step and decoder variances are the per-level estimates of
+:func:`~pyro_diffusion.inference.variances.analytic_variances` instead of the model's.
+Densities are :mod:`pyro.distributions` objects.  Cost: one network call (with its gradient) per level
 for all N particles, K in all.
 """
 
@@ -53,10 +57,11 @@ from ..diffusion import Diffusion
 from .observations import LinearObservation, check_conditioning
 from .prior import frozen, inference_grid, relaxed
 from .result import PosteriorResult
+from .variances import ReverseVariances, check_variances
 
 __all__ = ["twisted_smc", "systematic_resample", "resample", "RESAMPLING", "TWIST_VARIANCES"]
 
-TWIST_VARIANCES = ("pigdm", "none")
+TWIST_VARIANCES = ("pigdm", "none", "analytic")
 
 
 def systematic_resample(log_weights: torch.Tensor) -> torch.Tensor:
@@ -100,8 +105,9 @@ def resample(log_weights: torch.Tensor, scheme: str = "systematic") -> torch.Ten
 class _TwistedChain:
     """The per-level computations: the reverse step (or decoder) at x_k and the twist."""
 
-    def __init__(self, diffusion: Diffusion, observation, y, grid, twist_variance, max_drift):
+    def __init__(self, diffusion: Diffusion, observation, y, grid, twist_variance, max_drift, variances=None):
         self.diffusion = diffusion
+        self.variances = variances
         self.observation = observation
         self.y = y
         self.grid = grid
@@ -110,6 +116,16 @@ class _TwistedChain:
         self.event_dims = diffusion.event_dims
         self.noise_var = float(observation.noise_scale) ** 2
         self.network_calls = 0
+
+    def twist_allowance(self, k: int) -> float:
+        """r_k: σ_k² (``"pigdm"``), 0 (``"none"``) or the estimated mean conditional variance of
+        x_0 given x_k, (σ_k²/α_k²)(1 − Γ_k) (``"analytic"``, from the reverse variances)."""
+        if self.twist_variance == "pigdm":
+            return float(torch.sigmoid(self.grid[k - 1]))
+        if self.twist_variance == "analytic":
+            spread = (1.0 - self.variances.gamma_hat[k - 1].to(torch.float64)).clamp(min=0.0).mean()
+            return float(torch.exp(self.grid[k - 1]).cpu() * spread)
+        return 0.0
 
     def twist(self, x_k: torch.Tensor, k: int) -> dict:
         """At level k: the move's distribution (the reverse step to k − 1, or the decoder at
@@ -122,13 +138,15 @@ class _TwistedChain:
             else:
                 prediction, variance_output = d.predict(x, grid[0], grid[0].new_tensor(-math.inf))
                 step = relaxed(d.decoder_distribution(x, grid[0], prediction, variance_output))
-            r = float(torch.sigmoid(grid[k - 1])) if self.twist_variance == "pigdm" else 0.0
+            r = self.twist_allowance(k)
             log_twist = self.observation.log_prob(
                 self.y, prediction.x0, noise_scale=math.sqrt(self.noise_var + r)
             )
             (grad,) = torch.autograd.grad(log_twist.sum(), x)
         self.network_calls += 1
         loc, scale = step.loc.detach(), step.scale.detach()
+        if self.variances is not None:
+            scale = self.variances.scale(k, loc)
         drift = scale**2 * grad
         if self.max_drift is not None:  # a trust region on the proposal: ‖drift‖ ≤ c s_k √D
             dims = tuple(range(1, drift.dim()))
@@ -173,6 +191,7 @@ def twisted_smc(
     ess_threshold: float = 0.5,
     twist_variance: str = "pigdm",
     max_drift: float | None = 1.0,
+    reverse_variance: ReverseVariances | None = None,
     seed: int | None = None,
     progress: bool = False,
 ) -> PosteriorResult:
@@ -187,12 +206,18 @@ def twisted_smc(
         num_steps: the grid: None (default) the model's own, K a K-level grid
             (``diffusion.grid(K)``, respaced for a tabulated schedule).
         ess_threshold: resample when ESS < ess_threshold · N.
-        twist_variance: ``"pigdm"`` (r_k = sigmoid(γ_k) = 1 − ᾱ_k) or ``"none"`` (r_k = 0).
+        twist_variance: ``"pigdm"`` (r_k = sigmoid(γ_k) = 1 − ᾱ_k), ``"none"`` (r_k = 0) or
+            ``"analytic"`` (r_k = (σ_k²/α_k²)(1 − Γ_k), the mean conditional variance of x_0
+            given x_k estimated by ``reverse_variance``, which it needs).
         max_drift: cap the proposal's shift ``s_k² ∇ log p̃_k`` at ``max_drift · s_k √D`` in
             norm (None: no cap).  At high noise a learned denoiser's x̂_0 can be very
             sensitive to x_k (its Jacobian carries 1/α_k), and an uncapped shift throws
             particles out of the data's range.  The weights use the proposal actually drawn
             from, so the cap changes the variance of the estimate, not its target.
+        reverse_variance: None (the model's reverse variances) or per-level variances from
+            :func:`~pyro_diffusion.inference.variances.analytic_variances` on the same grid:
+            they replace the variances of the reverse steps and of the decoder, i.e. the chain
+            p_θ whose conditional is targeted.
         seed: seed for Pyro's and torch's generators (None: leave them as they are).
         progress: progress bar over the K levels.
 
@@ -221,6 +246,9 @@ def twisted_smc(
     if max_drift is not None and not max_drift > 0:
         raise ValueError(f"max_drift: expected None or a positive number, got {max_drift!r}")
     grid = inference_grid(diffusion, num_steps)
+    variances = check_variances(diffusion, reverse_variance, grid)
+    if twist_variance == "analytic" and variances is None:
+        raise ValueError("twist_variance: 'analytic' needs reverse_variance (from analytic_variances)")
     if seed is not None:
         pyro.set_rng_seed(seed)
     start = time.perf_counter()
@@ -229,7 +257,7 @@ def twisted_smc(
     event_dims = diffusion.event_dims
     dtype = torch.get_default_dtype()
     y = y.to(device=diffusion.device, dtype=dtype)
-    chain = _TwistedChain(diffusion, observation, y, grid, twist_variance, max_drift)
+    chain = _TwistedChain(diffusion, observation, y, grid, twist_variance, max_drift, variances)
     ess_trace: list[float] = []
     resampled: list[bool] = []
     log_evidence = 0.0
@@ -284,6 +312,7 @@ def twisted_smc(
             "num_particles": N,
             "twist_variance": twist_variance,
             "ess_threshold": float(ess_threshold),
+            "reverse_variance": "model" if variances is None else variances.estimator,
         },
         seconds=time.perf_counter() - start,
         network_calls=chain.network_calls,
