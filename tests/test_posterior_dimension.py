@@ -195,3 +195,46 @@ def test_the_quick_study_writes_only_under_out(tmp_path):
         assert methods["tds-av@256"]["setup_evaluations"] == 200 * 20
     table = (out / "table.md").read_text()
     assert "exact (floor)" in table and "evaluations ≤ 1e5" in table
+
+
+def test_the_study_selects_rows_and_cells_and_merges_them_into_a_saved_run(tmp_path):
+    from pyro_diffusion.experiments import posterior_study
+
+    out = tmp_path / "posterior"
+    common = ["--quick", "--out", str(out), "--no-progress", "--num-problems", "1"]
+    base = ["--cells", "8:4", "8:1", "--methods", "tds", "tds@256", "dps@1"]
+    posterior_study.main(common + base)
+    first = json.loads((out / "results.json").read_text())
+    assert [(p["dim"], p["num_observations"]) for p in first["problems"]] == [(8, 4), (8, 1)]
+    assert list(first["problems"][0]["methods"]) == ["floor", "ceiling", "tds", "tds@256", "dps@1"]
+    added = ["tds-av@128x10", "mcgdiff-av@128x10"]
+    posterior_study.main(common + ["--cells", "8:4", "--methods", *added, "--merge"])
+    data = json.loads((out / "results.json").read_text())
+    cell4, cell1 = data["problems"]
+    # the same problem, floor and ceiling; the new rows only where they were run, on their grid
+    assert cell4["methods"]["floor"] == first["problems"][0]["methods"]["floor"]
+    assert set(added) <= set(cell4["methods"]) and not set(added) & set(cell1["methods"])
+    for name in added:
+        row = cell4["methods"][name]
+        assert row["network_calls"] == 10 and row["evaluations"] == 1280 and row["num_steps"] == 10
+        assert row["setup_evaluations"] == 200 * 10
+    assert data["additions"][0]["methods"] == added and data["additions"][0]["cells"] == [[8, 4]]
+    summary = {(s["dim"], s["num_observations"]): s for s in data["summary"]}
+    assert summary[(8, 4)]["samplers"] == ["tds", "tds@256", "tds-av@128x10", "mcgdiff-av@128x10"]
+    section = posterior_study.docs_section(
+        posterior_study.StudyConfig(**data["config"]), data["summary"], 1.0, [], additions=data["additions"]
+    )
+    assert "`tds-av@128x10` 2000 (3280 per problem if counted)" in section
+    # a cell the saved run lacks, a changed problem setting, unknown rows and cells are refused
+    with pytest.raises(ValueError, match="merge"):
+        posterior_study.main(common + ["--cells", "8:2", "--methods", "tds@64x5", "--merge"])
+    with pytest.raises(ValueError, match="merge: seed"):
+        posterior_study.merge_results(
+            data, posterior_study.StudyConfig(**{**data["config"], "seed": 1}), [], {}
+        )
+    for bad in ("tds@0", "tds-avx", "dps@-1", "svi"):
+        with pytest.raises(ValueError, match="methods"):
+            posterior_study.main(common + ["--methods", bad])
+    for bad in ("8", "4:8", "a:b"):
+        with pytest.raises(ValueError, match="cells"):
+            posterior_study.main(common + ["--cells", bad])

@@ -173,3 +173,18 @@ def test_the_study_replaces_only_its_own_docs_section(tmp_path):
     doc.write_text("# Guide\n")
     posterior_study.write_docs(doc, f"{title}\n\nnew table\n")
     assert doc.read_text() == f"# Guide\n\n{title}\n\nnew table\n"
+
+
+def test_a_docs_rewrite_keeps_the_sections_hand_written_notes(tmp_path):
+    from pyro_diffusion.experiments import posterior_study
+
+    doc = tmp_path / "prior.md"
+    title, notes = posterior_study.SECTION_TITLE, posterior_study.NOTES_START
+    doc.write_text(
+        f"# Guide\n\n{title}\n\nold table\n\n{notes} (by hand):\n\n* kept\n\n## 9. After\n\nkept too\n"
+    )
+    posterior_study.write_docs(doc, f"{title}\n\nnew table\n")
+    assert (
+        doc.read_text()
+        == f"# Guide\n\n{title}\n\nnew table\n\n{notes} (by hand):\n\n* kept\n\n## 9. After\n\nkept too\n"
+    )

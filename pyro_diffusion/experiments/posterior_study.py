@@ -22,7 +22,10 @@ reverse variances of :func:`~pyro_diffusion.inference.variances.analytic_varianc
 ``-av``, estimated from ``variance_samples`` prior draws standing in for training data; only the
 denoiser is called) and with ``small_particles`` particles (rows ``@N``), DDRM, replacement in
 the SVD basis, and DPS with a step per unit of noise level at each λ of ``dps_grid`` (the table
-shows the λ with the lowest median per cell, which favours DPS).  Weighted particles are turned
+shows the λ with the lowest median per cell, which favours DPS).  ``methods`` selects rows by name
+(:func:`parse_method`): ``tds``, ``mcgdiff``, either with ``-av`` and ``@N`` (N particles) or
+``@NxK`` (N particles on a K-level grid instead of ``num_steps``; ``-av`` rows then estimate their
+variances on that grid), ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
 into draws by ``draw_scheme`` resampling.  The budget is read two ways: network calls per
 problem (one batched call counts once) and per-datum evaluations (a call on N particles counts
 N; the variance estimate is per model and counted apart, ``setup_evaluations``); under each the
@@ -31,8 +34,9 @@ signed-rank test over the problems of a cell on the difference of SW.
 
 Run ``python -m pyro_diffusion.experiments.posterior_study --out runs/posterior`` (``--quick``
 for a run of under a minute; ``--docs`` also writes the table as section 8 of
-``docs/prior.md``, replacing only that section; ``--docs-from-results`` writes it from
-``OUT/results.json`` of an earlier run without running again).
+``docs/prior.md``, replacing only that section up to its hand-written notes; ``--docs-from-results``
+writes it from ``OUT/results.json`` of an earlier run without running again; ``--merge`` adds the
+rows of a run with ``--methods`` / ``--cells`` to the same problems of ``OUT/results.json``).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -58,7 +63,11 @@ from ..inference.variances import analytic_variances
 
 __all__ = [
     "StudyConfig",
+    "default_methods",
+    "parse_method",
+    "parse_cell",
     "run_problem",
+    "merge_results",
     "run_study",
     "samplers",
     "summarize",
@@ -95,6 +104,8 @@ class StudyConfig:
         draw_scheme: str = "systematic",
         evaluation_budget: int = 100000,
         seed: int = 0,
+        methods=None,
+        cells=None,
     ) -> None:
         self.dims = tuple(dims)
         self.num_problems = num_problems
@@ -115,6 +126,12 @@ class StudyConfig:
         self.draw_scheme = draw_scheme
         self.evaluation_budget = evaluation_budget
         self.seed = seed
+        self.methods = None if methods is None else list(methods)
+        self.cells = None if cells is None else [tuple(c) for c in cells]
+        for name in self.methods or ():
+            parse_method(name, self)
+        for cell in self.cells or ():
+            parse_cell(cell)
 
     @staticmethod
     def observation_counts(dim: int) -> list[int]:
@@ -128,6 +145,87 @@ class StudyConfig:
 
     def as_dict(self) -> dict:
         return dict(vars(self))
+
+    def cell_list(self) -> list[tuple[int, int]]:
+        """The (d, d_y) cells run: ``cells``, or every d of ``dims`` with its observation counts."""
+        if self.cells is not None:
+            return list(self.cells)
+        return [(d, m) for d in self.dims for m in self.observation_counts(d)]
+
+
+def default_methods(config: StudyConfig) -> list[str]:
+    """The rows of a full run, in table order."""
+    small = config.small_particles
+    return [
+        "tds",
+        "tds-av",
+        f"tds@{small}",
+        f"tds-av@{small}",
+        "mcgdiff",
+        f"mcgdiff-av@{small}",
+        "ddrm",
+        "replacement",
+        *(f"dps@{lam:g}" for lam in config.dps_grid),
+    ]
+
+
+_SMC_NAME = re.compile(r"(tds|mcgdiff)(-av)?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?")
+
+
+def parse_method(name: str, config: StudyConfig) -> dict:
+    """What a row name asks for: ``{"kind", "variances", "particles", "num_steps", "step_per_level"}``.
+
+    ``tds`` / ``mcgdiff`` (``num_particles`` / ``mcgdiff_particles`` on ``num_steps`` levels),
+    with ``-av`` for the analytic reverse variances, ``@N`` for N particles (MCGdiff's N split
+    over ``num_runs`` runs) and ``@NxK`` for N particles on K levels; ``ddrm``, ``replacement``
+    (``num_draws`` draws) and ``dps@λ`` (step per unit of γ)."""
+    if not isinstance(name, str):
+        raise ValueError(f"methods: expected method names, got {name!r}")
+    spec = {"kind": name, "variances": False, "particles": None, "num_steps": config.num_steps}
+    match = _SMC_NAME.fullmatch(name)
+    if match:
+        kind, av, particles, levels = match.groups()
+        default = config.num_particles if kind == "tds" else config.mcgdiff_particles
+        spec.update(
+            kind=kind,
+            variances=av is not None,
+            particles=default if particles is None else int(particles),
+            num_steps=config.num_steps if levels is None else int(levels),
+        )
+        if spec["num_steps"] < 2:
+            raise ValueError(f"methods: {name!r} needs at least 2 levels")
+        return spec
+    if name in ("ddrm", "replacement"):
+        return spec
+    if name.startswith("dps@"):
+        try:
+            lam = float(name[4:])
+        except ValueError:
+            lam = float("nan")
+        if math.isfinite(lam) and lam > 0:
+            return {**spec, "kind": "dps", "step_per_level": lam}
+    raise ValueError(
+        f"methods: unknown method {name!r} (expected tds[-av][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
+        "replacement or dps@λ)"
+    )
+
+
+def parse_cell(cell) -> tuple[int, int]:
+    """A (d, d_y) cell from ``"d:d_y"`` or a pair, with 1 ≤ d_y ≤ d."""
+    text = cell
+    if isinstance(cell, str):
+        parts = cell.split(":")
+        try:
+            cell = tuple(int(p) for p in parts)
+        except ValueError:
+            cell = ()
+    try:
+        d, m = (int(v) for v in cell)
+    except (TypeError, ValueError):
+        raise ValueError(f"cells: expected d:d_y, got {text!r}") from None
+    if not 1 <= m <= d:
+        raise ValueError(f"cells: expected 1 <= d_y <= d, got {text!r}")
+    return d, m
 
 
 def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int) -> dict:
@@ -161,31 +259,42 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         "ceiling": score(problem.mixture.sample(n, generator)),
     }
     # per-level reverse variances (Analytic-DPM) from M draws of the prior, standing in for the
-    # training data: only the network is called; once per model, shared by every observation
+    # training data: only the network is called; once per model and grid, shared by every
+    # observation
     data = problem.mixture.sample(config.variance_samples, torch.Generator().manual_seed(seed + 7))
-    start = time.perf_counter()
-    variances = analytic_variances(
-        diffusion,
-        data.to(torch.get_default_dtype()),
-        num_steps=K,
-        diagonal=config.variance_diagonal,
-        seed=seed,
-    )
-    setup = {"setup_seconds": time.perf_counter() - start, "setup_evaluations": variances.evaluations}
+    estimated = {}
+
+    def variances_on(levels):
+        if levels not in estimated:
+            start = time.perf_counter()
+            v = analytic_variances(
+                diffusion,
+                data.to(torch.get_default_dtype()),
+                num_steps=levels,
+                diagonal=config.variance_diagonal,
+                seed=seed,
+            )
+            estimated[levels] = (
+                v,
+                {"setup_seconds": time.perf_counter() - start, "setup_evaluations": v.evaluations},
+            )
+        return estimated[levels]
+
     twist = "analytic" if config.analytic_twist else "pigdm"
     scheme = config.draw_scheme
 
-    def smc_row(name, num_particles, reverse_variance=None):
+    def smc_row(name, num_particles, levels, use_variances):
+        reverse_variance, setup = variances_on(levels) if use_variances else (None, {})
         r = twisted_smc(
             diffusion,
             obs,
             y,
             num_particles=num_particles,
-            num_steps=K,
+            num_steps=levels,
             reverse_variance=reverse_variance,
             twist_variance="pigdm" if reverse_variance is None else twist,
         )
-        extra = {"ess": r.ess, **(setup if reverse_variance is not None else {})}
+        extra = {"ess": r.ess, "num_steps": levels, **setup}
         rows[name] = score(
             r.sample(n, generator, scheme=scheme),
             r.seconds,
@@ -194,7 +303,8 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
             extra,
         )
 
-    def mcgdiff_row(name, num_particles, reverse_variance=None):
+    def mcgdiff_row(name, num_particles, levels, use_variances):
+        reverse_variance, setup = variances_on(levels) if use_variances else (None, {})
         per_run = max(2, num_particles // config.num_runs)
         r = mcgdiff(
             diffusion,
@@ -202,7 +312,7 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
             y,
             num_particles=per_run,
             num_runs=config.num_runs,
-            num_steps=K,
+            num_steps=levels,
             reverse_variance=reverse_variance,
         )
         # the runs' agreement: the spread of their evidence estimates (nats)
@@ -210,7 +320,8 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         extra = {
             "ess": r.ess,
             "log_evidence_spread": spread,
-            **(setup if reverse_variance is not None else {}),
+            "num_steps": levels,
+            **setup,
         }
         rows[name] = score(
             r.sample(n, generator, scheme=scheme),
@@ -220,20 +331,21 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
             extra,
         )
 
-    small = config.small_particles
-    smc_row("tds", config.num_particles)
-    smc_row("tds-av", config.num_particles, variances)
-    smc_row(f"tds@{small}", small)
-    smc_row(f"tds-av@{small}", small, variances)
-    mcgdiff_row("mcgdiff", config.mcgdiff_particles)
-    mcgdiff_row(f"mcgdiff-av@{small}", small, variances)
-    r = ddrm_sample(diffusion, obs, y, n, num_steps=K)
-    rows["ddrm"] = score(r.draws, r.seconds, r.network_calls, r.network_calls * n)
-    r = replacement_sample(diffusion, obs, y, n, num_steps=K)
-    rows["replacement"] = score(r.draws, r.seconds, r.network_calls, r.network_calls * n)
-    for lam in config.dps_grid:
-        r = dps_sample(diffusion, obs, y, n, step_per_level=lam, num_steps=K)
-        rows[f"dps@{lam:g}"] = score(r.draws, r.seconds, r.network_calls, r.network_calls * n)
+    for name in default_methods(config) if config.methods is None else config.methods:
+        spec = parse_method(name, config)
+        kind = spec["kind"]
+        if kind == "tds":
+            smc_row(name, spec["particles"], spec["num_steps"], spec["variances"])
+        elif kind == "mcgdiff":
+            mcgdiff_row(name, spec["particles"], spec["num_steps"], spec["variances"])
+        else:
+            if kind == "ddrm":
+                r = ddrm_sample(diffusion, obs, y, n, num_steps=K)
+            elif kind == "replacement":
+                r = replacement_sample(diffusion, obs, y, n, num_steps=K)
+            else:
+                r = dps_sample(diffusion, obs, y, n, step_per_level=spec["step_per_level"], num_steps=K)
+            rows[name] = score(r.draws, r.seconds, r.network_calls, r.network_calls * n)
     return {
         "dim": dim,
         "num_observations": num_observations,
@@ -243,9 +355,45 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
     }
 
 
+#: the settings that define the problems, the reference and the floor draws
+_PROBLEM_KEYS = ("num_components", "noise_range", "num_reference", "num_draws", "num_projections", "seed")
+
+
+def merge_results(saved: dict, config: StudyConfig, results: list[dict], record: dict) -> dict:
+    """Add the method rows of ``results`` (a run of ``config``) to the same problems of a saved
+    run (``OUT/results.json`` as a dict), replacing rows of the same name; refuse problems the
+    saved run does not have or whose noise, floor or ceiling differ; append ``record`` to its
+    ``additions`` and recompute its summary.  Returns ``saved``, changed in place."""
+    base = saved["config"]
+    for key in _PROBLEM_KEYS:
+        mine = getattr(config, key)
+        theirs = base[key]
+        if (list(mine) if isinstance(mine, (list, tuple)) else mine) != theirs:
+            raise ValueError(f"merge: {key} is {mine!r} here but {theirs!r} in the saved run")
+    index = {(r["dim"], r["num_observations"], r["index"]): r for r in saved["problems"]}
+    for row in results:
+        key = (row["dim"], row["num_observations"], row["index"])
+        if key not in index:
+            raise ValueError(f"merge: problem (d, d_y, index) = {key} is not in the saved run")
+        old = index[key]
+        same = math.isclose(old["noise_scale"], row["noise_scale"], rel_tol=1e-12) and all(
+            math.isclose(old["methods"][ref]["sw"], row["methods"][ref]["sw"], rel_tol=1e-9)
+            for ref in _NOT_SAMPLERS
+        )
+        if not same:
+            raise ValueError(f"merge: problem (d, d_y, index) = {key} differs from the saved one")
+    for row in results:
+        old = index[(row["dim"], row["num_observations"], row["index"])]
+        for name, values in row["methods"].items():
+            if name not in _NOT_SAMPLERS:
+                old["methods"][name] = values
+    saved.setdefault("additions", []).append(record)
+    saved["summary"] = summarize(saved["problems"], base["evaluation_budget"])
+    return saved
+
+
 def run_study(config: StudyConfig, progress: bool = True) -> list[dict]:
-    cells = [(d, m) for d in config.dims for m in config.observation_counts(d)]
-    jobs = [(d, m, i) for d, m in cells for i in range(config.num_problems)]
+    jobs = [(d, m, i) for d, m in config.cell_list() for i in range(config.num_problems)]
     results = []
     with pyro.validation_enabled(False):
         for d, m, i in tqdm(jobs, desc="posterior study", disable=not progress):
@@ -261,9 +409,14 @@ _NOT_SAMPLERS = ("floor", "ceiling")
 READINGS = ("calls", "evaluations")
 
 
+def _family(name: str) -> int:
+    return 0 if name.startswith("tds") else 1 if name.startswith("mcgdiff") else 2
+
+
 def samplers(names) -> list[str]:
-    """The compared samplers among the method names of a problem (not the floor, the ceiling or DPS)."""
-    return [n for n in names if n not in _NOT_SAMPLERS and not n.startswith("dps@")]
+    """The compared samplers among the method names of a problem (not the floor, the ceiling or
+    DPS), twisted SMC's rows first, then MCGdiff's, each in the order run."""
+    return sorted((n for n in names if n not in _NOT_SAMPLERS and not n.startswith("dps@")), key=_family)
 
 
 def _wilcoxon(a: list[float], b: list[float]) -> float:
@@ -290,13 +443,17 @@ def _best(stats: dict, rows: list[dict], candidates: list[str], best_dps: str) -
         }
     best = min(candidates, key=lambda n: stats[n]["sw"])
     ratios = [r["methods"][best]["sw"] / r["methods"]["floor"]["sw"] for r in rows]
-    wins = sum(r["methods"][best]["sw"] < r["methods"][best_dps]["sw"] for r in rows)
+    if best_dps is None:
+        wins, p_value = 0, float("nan")
+    else:
+        wins = sum(r["methods"][best]["sw"] < r["methods"][best_dps]["sw"] for r in rows)
+        p_value = _wilcoxon(stats[best]["sw_values"], stats[best_dps]["sw_values"])
     return {
         "best": best,
         "best_over_floor": stats[best]["sw"] / stats["floor"]["sw"],
         "best_over_floor_per_problem_median": statistics.median(ratios),
         "wins_over_dps": wins,
-        "p_value_vs_dps": _wilcoxon(stats[best]["sw_values"], stats[best_dps]["sw_values"]),
+        "p_value_vs_dps": p_value,
     }
 
 
@@ -333,7 +490,7 @@ def summarize(results: list[dict], budget: int = 100000) -> list[dict]:
                 "sw_values": vals["sw"],
             }
         dps_names = [n for n in names if n.startswith("dps@")]
-        best_dps = min(dps_names, key=lambda n: stats[n]["sw"])
+        best_dps = min(dps_names, key=lambda n: stats[n]["sw"]) if dps_names else None
         compared = samplers(names)
         readings = {
             "calls": _best(stats, rows, [n for n in compared if stats[n]["max_calls"] <= budget], best_dps),
@@ -381,7 +538,7 @@ def markdown_table(summary: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for s in (s for s in summary if s["dim"] == d):
-            for name in ("floor", "ceiling", *s["samplers"], s["best_dps"]):
+            for name in ("floor", "ceiling", *s["samplers"], *([s["best_dps"]] if s["best_dps"] else [])):
                 st = s["methods"][name]
                 label = {"floor": "exact (floor)", "ceiling": "prior (ceiling)"}.get(name, name)
                 if name == s["readings"]["evaluations"]["best"]:
@@ -462,26 +619,75 @@ def spread_diagnostic(results: list[dict], method: str) -> dict:
     }
 
 
+def _command(argv) -> str:
+    return ("python -m pyro_diffusion.experiments.posterior_study " + " ".join(argv or [])).strip()
+
+
+def _addition_lines(summary: list[dict], additions: list[dict]) -> list[str]:
+    """Where rows were added to the saved problems by later runs (``--merge``): the rows, the
+    cells, the command, the time and the variance estimate's cost of their ``-av`` rows."""
+    lines = []
+    for record in additions:
+        names = record["methods"]
+        cells = " and ".join(f"d = {d}, d_y = {m}" for d, m in record["cells"])
+        costs = []
+        for name in names:
+            runs = [s["methods"][name] for s in summary if name in s["methods"]]
+            if name.split("@")[0].endswith("-av") and runs:
+                setup = max(r["setup_evaluations"] for r in runs)
+                total = max(r["max_evaluations"] for r in runs) + setup
+                costs.append(f"`{name}` {setup:.0f} ({total:.0f} per problem if counted)")
+        cost = (
+            "  Their `-av` rows estimate the variances on their own K-level grid from the same "
+            f"{record.get('variance_samples', '')} prior draws (M·K per-datum evaluations once per model "
+            "and grid, not counted per observation): " + "; ".join(costs) + "."
+            if costs
+            else ""
+        )
+        lines += [
+            f"Rows {', '.join(f'`{n}`' for n in names)} (`@NxK`: N particles on a K-level grid, N·K "
+            f"per-datum evaluations per problem) were added on {cells} by",
+            "",
+            f"    {_command(record['argv'])}",
+            "",
+            f"({record['seconds'] / 60:.1f} min), on the same problems, reference draws and floor as the "
+            f"run above (checked when merging; the samplers' random streams are their own).{cost}",
+            "",
+        ]
+    return lines
+
+
 def docs_section(
-    config: StudyConfig, summary: list[dict], seconds: float, argv, results: list[dict] | None = None
+    config: StudyConfig,
+    summary: list[dict],
+    seconds: float,
+    argv,
+    results: list[dict] | None = None,
+    additions: list[dict] | None = None,
 ) -> str:
     """The docs section: the command, the settings, the tables and the goal per cell under
-    both readings of the budget."""
-    command = "python -m pyro_diffusion.experiments.posterior_study " + " ".join(argv or [])
+    both readings of the budget; ``additions``: the records of rows merged in later."""
+    command = _command(argv)
     small = config.small_particles
-    setup = statistics.median(s["methods"][f"tds-av@{small}"]["setup_evaluations"] for s in summary)
+    setups = [
+        s["methods"][f"tds-av@{small}"]["setup_evaluations"]
+        for s in summary
+        if f"tds-av@{small}" in s["methods"]
+    ]
+    setup = statistics.median(setups) if setups else float("nan")
     budget = _budget(config.evaluation_budget)
+    levels = f"K = {config.num_steps} levels for every method" + (" but the `@NxK` rows" if additions else "")
     return "\n".join(
         [
             SECTION_TITLE,
             "",
             "Written by",
             "",
-            f"    {command.strip()}",
+            f"    {command}",
             "",
             f"({seconds / 60:.1f} min on one CPU thread).  Settings: {config.num_problems} problems per "
             f"(d, d_y), σ_y log-evenly from {config.noise_range[0]} to {config.noise_range[1]}, "
-            f"{config.num_components} components, K = {config.num_steps} levels for every method, "
+            f"{config.num_components} components, {levels}, "
             f"twisted SMC with {config.num_particles} and {small} particles, MCGdiff {config.num_runs} runs × "
             f"{config.mcgdiff_particles // config.num_runs} and {config.num_runs} × {small // config.num_runs}, "
             f"{config.num_draws} draws per method against {config.num_reference} exact draws "
@@ -493,6 +699,7 @@ def docs_section(
             f"Best under the calls reading (≤ {budget} network calls per problem) in bold, under the "
             f"evaluations reading (≤ {budget} per-datum evaluations on every problem) marked †.",
             "",
+            *_addition_lines(summary, additions or []),
             markdown_table(summary),
             "Goal per cell, reading the budget as network calls (best sampler within 1.5× of the floor; "
             "better than the best DPS at p < 0.01, paired over problems):",
@@ -529,14 +736,24 @@ def _spread_lines(config: StudyConfig, results: list[dict] | None) -> list[str]:
     return lines + [""]
 
 
+#: the first line of the section's hand-written notes, which a rewrite keeps
+NOTES_START = "What the run says"
+
+
 def write_docs(path: Path, section: str) -> None:
     """Replace the study's section of ``docs/prior.md`` (from its title to the next ``## ``
-    heading, or the end), or append it; the rest of the file is left as it is."""
+    heading, or the end), or append it; the rest of the file is left as it is, and so are the
+    section's hand-written notes (from a line starting with ``NOTES_START`` to the section's
+    end), which follow the new text."""
     text = path.read_text()
     if SECTION_TITLE in text:
         start = text.index(SECTION_TITLE)
         following = text.find("\n## ", start + len(SECTION_TITLE))
         rest = "" if following < 0 else text[following + 1 :]
+        old = text[start : len(text) if following < 0 else following + 1]
+        notes = old.find("\n" + NOTES_START)
+        if notes >= 0 and NOTES_START not in section:
+            section = section.rstrip("\n") + "\n\n" + old[notes + 1 :].strip("\n") + "\n"
         text = (
             text[:start].rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
         )
@@ -559,6 +776,20 @@ def main(argv=None) -> dict:
     parser.add_argument("--num-steps", type=int, default=None)
     parser.add_argument("--num-particles", type=int, default=None)
     parser.add_argument("--dims", type=int, nargs="+", default=None)
+    parser.add_argument(
+        "--cells", nargs="+", default=None, metavar="D:DY", help="only these (d, d_y) cells, e.g. 16:8 64:32"
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        default=None,
+        help="only these rows (tds[-av][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, replacement, dps@λ)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the rows run to the same problems of OUT/results.json instead of replacing it",
+    )
     parser.add_argument("--no-progress", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -568,7 +799,10 @@ def main(argv=None) -> dict:
         config = StudyConfig(**saved["config"])
         summary = summarize(saved["problems"], config.evaluation_budget)
         command = saved.get("argv", ["--out", args.out])
-        write_docs(docs, docs_section(config, summary, saved["seconds"], command, saved["problems"]))
+        section = docs_section(
+            config, summary, saved["seconds"], command, saved["problems"], saved.get("additions")
+        )
+        write_docs(docs, section)
         return {"summary": summary, "seconds": saved["seconds"]}
     torch.set_num_threads(1)
     config = StudyConfig()
@@ -593,11 +827,39 @@ def main(argv=None) -> dict:
             setattr(config, key, value)
     if args.dims:
         config.dims = tuple(args.dims)
+    if args.cells:
+        config.cells = [parse_cell(c) for c in args.cells]
+    if args.methods:
+        for name in args.methods:
+            parse_method(name, config)
+        config.methods = list(dict.fromkeys(args.methods))
     out = Path(args.out)
+    saved_path = out / "results.json"
+    if args.merge:
+        if not saved_path.exists():
+            raise ValueError(f"merge: no saved run at {saved_path}")
+        if args.docs:
+            raise ValueError("merge: write the docs afterwards with --docs-from-results")
+        saved = json.loads(saved_path.read_text())
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     results = run_study(config, progress=not args.no_progress)
     seconds = time.perf_counter() - start
+    if args.merge:
+        record = {
+            "argv": argv,
+            "seconds": seconds,
+            "methods": [n for n in results[0]["methods"] if n not in _NOT_SAMPLERS] if results else [],
+            "cells": [list(c) for c in config.cell_list()],
+            "variance_samples": config.variance_samples,
+        }
+        merge_results(saved, config, results, record)
+        saved_path.write_text(json.dumps(saved, indent=1))
+        table = markdown_table(saved["summary"])
+        (out / "table.md").write_text(table)
+        print(table)
+        print(f"{len(results)} problems in {seconds:.0f} s; merged into {saved_path}")
+        return {"summary": saved["summary"], "seconds": seconds}
     summary = summarize(results, config.evaluation_budget)
     table = markdown_table(summary)
     (out / "results.json").write_text(
