@@ -554,7 +554,7 @@ def demo(out: str | Path, *, data: str = "digits", name: str = "recipe", steps: 
     ]
     print(f"\ntest bits/dim on {data} (lower is better; ± standard error):")
     for label, value, se in rows:
-        print(f"  {label:<44} {value:.4f} ± {se:.4f}")
+        print(f"  {label:<48} {value:.4f} ± {se:.4f}")
     print(
         f"where the diffusion's bits go: decoder {result['decoder_bpd']:.3f}, prior {result['prior_bpd']:.3f}, "
         f"diffusion t < 0.1 {result['first_bpd']:.3f}, t ≥ 0.1 {result['rest_bpd']:.3f}"
