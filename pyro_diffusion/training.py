@@ -1407,7 +1407,8 @@ def _evaluate_importance_weighted(out: Path, device, num_steps, particles: int, 
     from .bound import importance_weighted_bound
 
     checkpoint, config, diffusion, dataset = _open_run(out, device)
-    if diffusion.grid(num_steps).shape[0] < 2:
+    levels = diffusion.grid(num_steps).shape[0]
+    if levels < 2:
         raise ValueError("num_steps: the importance-weighted bound needs a grid of K >= 2 levels")
     metrics = read_metrics(out)
     metrics["checkpoint_step"] = checkpoint["engine"]["step"]
@@ -1424,7 +1425,7 @@ def _evaluate_importance_weighted(out: Path, device, num_steps, particles: int, 
     metrics.update(
         test_iw_bits_per_dim=value,
         test_iw_bits_per_dim_se=se,
-        test_iw_num_steps=int(diffusion.grid(num_steps).shape[0]),
+        test_iw_num_steps=int(levels),
         test_iw_particles=particles,
     )
     write_metrics(metrics, out)
