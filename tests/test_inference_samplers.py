@@ -285,3 +285,71 @@ def test_systematic_resampling_keeps_each_particle_floor_or_ceil_of_its_share():
             index.shape == (50,)
             and ((counts >= share.floor() - 1e-9) & (counts <= share.ceil() + 1e-9)).all()
         )
+
+
+def test_twisted_smc_without_tempering_is_unchanged():
+    diffusion = linear_diffusion()
+    plain = twisted_smc(diffusion, OBSERVATION, Y, num_particles=64, seed=3)
+    # the output of the sampler before tempering was added (same seed)
+    assert plain.draws.double().sum().item() == pytest.approx(63.16972351074219, rel=1e-6)
+    assert plain.diagnostics["log_evidence"] == pytest.approx(-1.6136809519170412, rel=1e-6)
+    assert "temperatures" not in plain.diagnostics
+    # exponent 0 (every λ_k = 1) takes the tempered code path and gives the same bits
+    flat = twisted_smc(diffusion, OBSERVATION, Y, num_particles=64, seed=3, tempering=0.0)
+    assert torch.equal(flat.draws, plain.draws) and torch.equal(flat.log_weights, plain.log_weights)
+    assert flat.diagnostics["log_evidence"] == plain.diagnostics["log_evidence"]
+    assert torch.equal(flat.diagnostics["temperatures"], torch.ones(diffusion.num_steps, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("tempering", ["linear", 2.0, "adaptive"])
+def test_tempered_twisted_smc_still_targets_the_exact_conditional(tempering):
+    from pyro_diffusion.inference.smc import tempering_schedule
+
+    diffusion = linear_diffusion()
+    observation = LinearObservation(torch.tensor([[1.0, 0.5]]), (2,), noise_scale=0.1)
+    mean_x, cov_x = linear_chain_marginal(diffusion)
+    post_mean, post_cov, log_evidence = gaussian_conditional(
+        mean_x, cov_x, observation.matrix.double(), 0.1**2, Y.double()
+    )
+    N = 4000
+    # a high adaptive target, so that the bisection does temper on this easy problem
+    result = twisted_smc(
+        diffusion, observation, Y, num_particles=N, seed=1, tempering=tempering, tempering_ess=0.99
+    )
+    lambdas = result.diagnostics["temperatures"]
+    T = diffusion.num_steps
+    assert lambdas.shape == (T,) and (lambdas[:-1] >= lambdas[1:]).all() and lambdas.max() <= 1
+    assert (lambdas < 1).any() and result.network_calls == T
+    if tempering != "adaptive":
+        torch.testing.assert_close(
+            lambdas, tempering_schedule(T, 1.0 if tempering == "linear" else tempering)
+        )
+    w = result.log_weights.exp().double()
+    x = result.draws.double()
+    ess = 1 / (w**2).sum()
+    mean = (w[:, None] * x).sum(0)
+    var = (w[:, None] * (x - mean) ** 2).sum(0)
+    se = (post_cov.diagonal() / ess).sqrt()
+    assert ((mean - post_mean).abs() < 5 * se).all(), (mean, post_mean, se)
+    # the variance of a Gaussian sample: relative sd √(2 / ESS)
+    assert ((var / post_cov.diagonal() - 1).abs() < 5 * math.sqrt(2 / ess)).all(), (var, post_cov)
+    assert abs(result.diagnostics["log_evidence"] - log_evidence) < 5 / math.sqrt(ess)
+
+
+def test_tempering_refuses_bad_values_by_name():
+    from pyro_diffusion.inference.smc import tempering_schedule
+
+    diffusion = linear_diffusion()
+    for bad in ("cubic", -1.0, float("nan"), True, [1.0]):
+        with pytest.raises(ValueError, match="^tempering: "):
+            twisted_smc(diffusion, OBSERVATION, Y, tempering=bad)
+    for bad in (0.0, 1.5, "a", True):
+        with pytest.raises(ValueError, match="^tempering_ess: "):
+            twisted_smc(diffusion, OBSERVATION, Y, tempering="adaptive", tempering_ess=bad)
+    with pytest.raises(ValueError, match="^num_steps: "):
+        tempering_schedule(0)
+    with pytest.raises(ValueError, match="^exponent: "):
+        tempering_schedule(4, -1.0)
+    torch.testing.assert_close(
+        tempering_schedule(4), torch.tensor([1.0, 0.75, 0.5, 0.25], dtype=torch.float64)
+    )

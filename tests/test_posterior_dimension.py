@@ -238,3 +238,40 @@ def test_the_study_selects_rows_and_cells_and_merges_them_into_a_saved_run(tmp_p
     for bad in ("8", "4:8", "a:b"):
         with pytest.raises(ValueError, match="cells"):
             posterior_study.main(common + ["--cells", bad])
+
+
+def test_the_study_runs_tempered_rows_and_refuses_bad_ones(tmp_path):
+    from pyro_diffusion.experiments import posterior_study
+
+    config = posterior_study.StudyConfig()
+    spec = posterior_study.parse_method("tds-av-tadaptive0.9@2000x50", config)
+    assert spec["variances"] and spec["particles"] == 2000 and spec["num_steps"] == 50
+    assert spec["tempering"] == {"tempering": "adaptive", "tempering_ess": 0.9}
+    assert posterior_study.parse_method("tds-tlinear", config)["tempering"] == {"tempering": "linear"}
+    assert posterior_study.parse_method("tds-t2@1000", config)["tempering"] == {"tempering": 2.0}
+    assert posterior_study.parse_method("tds@1000", config)["tempering"] is None
+    for bad in ("mcgdiff-tlinear", "tds-tcubic", "tds-tadaptive1.5", "tds-t@10"):
+        with pytest.raises(ValueError, match="^methods: "):
+            posterior_study.parse_method(bad, config)
+    out = tmp_path / "posterior"
+    methods = ["tds-tadaptive0.99@128x10", "tds-t2@128x10"]
+    posterior_study.main(
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--num-problems",
+            "1",
+            "--cells",
+            "8:4",
+            "--methods",
+            *methods,
+        ]
+    )
+    rows = json.loads((out / "results.json").read_text())["problems"][0]["methods"]
+    for name in methods:
+        assert rows[name]["network_calls"] == 10 and rows[name]["evaluations"] == 1280
+        assert 0 <= rows[name]["noise_end_temperature"] <= 1 and 0 <= rows[name]["untempered_levels"] <= 10
+    assert rows["tds-t2@128x10"]["noise_end_temperature"] == pytest.approx(0.01)
+    assert rows["tds-t2@128x10"]["untempered_levels"] == 1

@@ -25,7 +25,8 @@ the SVD basis, and DPS with a step per unit of noise level at each λ of ``dps_g
 shows the λ with the lowest median per cell, which favours DPS).  ``methods`` selects rows by name
 (:func:`parse_method`): ``tds``, ``mcgdiff``, either with ``-av`` and ``@N`` (N particles) or
 ``@NxK`` (N particles on a K-level grid instead of ``num_steps``; ``-av`` rows then estimate their
-variances on that grid), ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
+variances on that grid), twisted SMC also with tempered twists (``-tlinear``, ``-tP`` for the
+exponent P, ``-tadaptive`` or ``-tadaptiveF`` for a conditional-ESS fraction F, before ``@``), ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
 into draws by ``draw_scheme`` resampling.  The budget is read two ways: network calls per
 problem (one batched call counts once) and per-datum evaluations (a call on N particles counts
 N; the variance estimate is per model and counted apart, ``setup_evaluations``); under each the
@@ -169,26 +170,41 @@ def default_methods(config: StudyConfig) -> list[str]:
     ]
 
 
-_SMC_NAME = re.compile(r"(tds|mcgdiff)(-av)?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?")
+_SMC_NAME = re.compile(
+    r"(tds|mcgdiff)(-av)?(?:-t(linear|adaptive(?:0?\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?))?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?"
+)
 
 
 def parse_method(name: str, config: StudyConfig) -> dict:
-    """What a row name asks for: ``{"kind", "variances", "particles", "num_steps", "step_per_level"}``.
+    """What a row name asks for: ``{"kind", "variances", "tempering", "particles", "num_steps",
+    "step_per_level"}``.
 
     ``tds`` / ``mcgdiff`` (``num_particles`` / ``mcgdiff_particles`` on ``num_steps`` levels),
-    with ``-av`` for the analytic reverse variances, ``@N`` for N particles (MCGdiff's N split
-    over ``num_runs`` runs) and ``@NxK`` for N particles on K levels; ``ddrm``, ``replacement``
-    (``num_draws`` draws) and ``dps@λ`` (step per unit of γ)."""
+    with ``-av`` for the analytic reverse variances, for ``tds`` then ``-tlinear``,
+    ``-tadaptive`` or ``-tP`` (P a number) for tempered twists (``twisted_smc``'s
+    ``tempering``: ``"linear"``, ``"adaptive"`` with ``tempering_ess`` F from ``-tadaptiveF``
+    or 0.5, exponent P), ``@N`` for N particles (MCGdiff's
+    N split over ``num_runs`` runs) and ``@NxK`` for N particles on K levels; ``ddrm``,
+    ``replacement`` (``num_draws`` draws) and ``dps@λ`` (step per unit of γ)."""
     if not isinstance(name, str):
         raise ValueError(f"methods: expected method names, got {name!r}")
-    spec = {"kind": name, "variances": False, "particles": None, "num_steps": config.num_steps}
+    spec = {
+        "kind": name,
+        "variances": False,
+        "tempering": None,
+        "particles": None,
+        "num_steps": config.num_steps,
+    }
     match = _SMC_NAME.fullmatch(name)
     if match:
-        kind, av, particles, levels = match.groups()
+        kind, av, tempering, particles, levels = match.groups()
+        if tempering is not None and kind != "tds":
+            raise ValueError(f"methods: {name!r}: only tds rows take -t (tempering)")
         default = config.num_particles if kind == "tds" else config.mcgdiff_particles
         spec.update(
             kind=kind,
             variances=av is not None,
+            tempering=_tempering(tempering),
             particles=default if particles is None else int(particles),
             num_steps=config.num_steps if levels is None else int(levels),
         )
@@ -205,9 +221,24 @@ def parse_method(name: str, config: StudyConfig) -> dict:
         if math.isfinite(lam) and lam > 0:
             return {**spec, "kind": "dps", "step_per_level": lam}
     raise ValueError(
-        f"methods: unknown method {name!r} (expected tds[-av][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
+        f"methods: unknown method {name!r} (expected tds[-av][-tT][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
         "replacement or dps@λ)"
     )
+
+
+def _tempering(text):
+    """``-t`` of a row name as ``twisted_smc`` arguments: None, ``{"tempering": "linear"}``,
+    ``{"tempering": p}`` or ``{"tempering": "adaptive", "tempering_ess": F}`` (F: 0.5 unless given)."""
+    if text is None:
+        return None
+    if text == "linear":
+        return {"tempering": "linear"}
+    if text.startswith("adaptive"):
+        fraction = float(text[len("adaptive") :] or 0.5)
+        if not 0 < fraction <= 1:
+            raise ValueError(f"methods: the adaptive tempering fraction must be in (0, 1], got {text!r}")
+        return {"tempering": "adaptive", "tempering_ess": fraction}
+    return {"tempering": float(text)}
 
 
 def parse_cell(cell) -> tuple[int, int]:
@@ -283,7 +314,7 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
     twist = "analytic" if config.analytic_twist else "pigdm"
     scheme = config.draw_scheme
 
-    def smc_row(name, num_particles, levels, use_variances):
+    def smc_row(name, num_particles, levels, use_variances, tempering=None):
         reverse_variance, setup = variances_on(levels) if use_variances else (None, {})
         r = twisted_smc(
             diffusion,
@@ -293,8 +324,14 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
             num_steps=levels,
             reverse_variance=reverse_variance,
             twist_variance="pigdm" if reverse_variance is None else twist,
+            **(tempering or {}),
         )
         extra = {"ess": r.ess, "num_steps": levels, **setup}
+        if tempering is not None:  # λ_K at the noise end; the levels run untempered (λ_k = 1)
+            lambdas = r.diagnostics["temperatures"]
+            extra.update(
+                noise_end_temperature=float(lambdas[-1]), untempered_levels=int((lambdas == 1).sum())
+            )
         rows[name] = score(
             r.sample(n, generator, scheme=scheme),
             r.seconds,
@@ -335,7 +372,7 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         spec = parse_method(name, config)
         kind = spec["kind"]
         if kind == "tds":
-            smc_row(name, spec["particles"], spec["num_steps"], spec["variances"])
+            smc_row(name, spec["particles"], spec["num_steps"], spec["variances"], spec["tempering"])
         elif kind == "mcgdiff":
             mcgdiff_row(name, spec["particles"], spec["num_steps"], spec["variances"])
         else:
@@ -633,7 +670,7 @@ def _addition_lines(summary: list[dict], additions: list[dict]) -> list[str]:
         costs = []
         for name in names:
             runs = [s["methods"][name] for s in summary if name in s["methods"]]
-            if name.split("@")[0].endswith("-av") and runs:
+            if "-av" in name.split("@")[0] and runs:
                 setup = max(r["setup_evaluations"] for r in runs)
                 total = max(r["max_evaluations"] for r in runs) + setup
                 costs.append(f"`{name}` {setup:.0f} ({total:.0f} per problem if counted)")
@@ -644,9 +681,17 @@ def _addition_lines(summary: list[dict], additions: list[dict]) -> list[str]:
             if costs
             else ""
         )
+        tempered = (
+            "; `-tT`: `twisted_smc(tempering=T)`, the twist at level k to the power λ_k, with `-tP` the "
+            "schedule λ_k = ((K − k + 1)/K)^P (`-t0`: no tempering, the untempered sampler in its own "
+            "random stream), `-tlinear` P = 1, `-tadaptiveF` λ_k by bisection keeping the conditional "
+            "ESS ≥ F·N"
+            if any(re.search(r"-t[0-9la]", n) for n in names)
+            else ""
+        )
         lines += [
             f"Rows {', '.join(f'`{n}`' for n in names)} (`@NxK`: N particles on a K-level grid, N·K "
-            f"per-datum evaluations per problem) were added on {cells} by",
+            f"per-datum evaluations per problem{tempered}) were added on {cells} by",
             "",
             f"    {_command(record['argv'])}",
             "",
@@ -783,7 +828,8 @@ def main(argv=None) -> dict:
         "--methods",
         nargs="+",
         default=None,
-        help="only these rows (tds[-av][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, replacement, dps@λ)",
+        help="only these rows (tds[-av][-tT][@N[xK]], T linear|adaptive|exponent; mcgdiff[-av][@N[xK]], "
+        "ddrm, replacement, dps@λ)",
     )
     parser.add_argument(
         "--merge",

@@ -35,6 +35,14 @@ likelihood, the weighted particles are consistent for p_θ(x_0 | y) as N → ∞
 twists (they only affect the variance), and the product of mean weights is an unbiased
 estimate of the evidence p_θ(y).
 
+With ``tempering`` the twists are raised to powers λ_k ∈ [0, 1] that increase towards the data
+end: the level-k twist is p̃_k(y | x_k)^{λ_k}, in the proposal's drift (λ_k s_k² ∇ log p̃_k) and
+in the weights alike, and the last step's likelihood p(y | x_0) is not tempered (λ_0 = 1), so the
+target and the consistency above are unchanged.  A fixed schedule is
+``λ_k = ((K − k + 1)/K)^p`` (p = 1: ``"linear"``; λ_1 = 1); ``"adaptive"`` picks each λ_k, after
+x_k is drawn, as the largest value in [λ_{k+1}, 1] whose incremental weights keep the conditional
+ESS (Σ_n w̄_n G_n)² / Σ_n w̄_n G_n² at or above ``tempering_ess`` (bisection; no network calls).
+
 After every reweighting the effective sample size ESS = 1/Σ w̄² is recorded and the particles
 are resampled (systematic resampling) when it falls below ``ess_threshold · N``.  With
 ``reverse_variance`` the chain's step and decoder variances are the per-level estimates of
@@ -59,9 +67,96 @@ from .prior import frozen, inference_grid, relaxed
 from .result import PosteriorResult
 from .variances import ReverseVariances, check_variances
 
-__all__ = ["twisted_smc", "systematic_resample", "resample", "RESAMPLING", "TWIST_VARIANCES"]
+__all__ = [
+    "twisted_smc",
+    "systematic_resample",
+    "resample",
+    "tempering_schedule",
+    "RESAMPLING",
+    "TWIST_VARIANCES",
+    "TEMPERING",
+]
 
 TWIST_VARIANCES = ("pigdm", "none", "analytic")
+
+#: the named tempering options (besides None and a float exponent)
+TEMPERING = ("linear", "adaptive")
+
+
+def check_tempering(tempering, tempering_ess) -> float | str | None:
+    """``tempering`` as None, ``"adaptive"`` or a float exponent p ≥ 0 (``"linear"``: 1.0)."""
+    if tempering is not None:
+        if isinstance(tempering, str):
+            if tempering not in TEMPERING:
+                raise ValueError(
+                    f"tempering: expected None, {TEMPERING[0]!r}, {TEMPERING[1]!r} or an exponent >= 0, "
+                    f"got {tempering!r}"
+                )
+            tempering = 1.0 if tempering == "linear" else tempering
+        elif (
+            isinstance(tempering, bool)
+            or not isinstance(tempering, (int, float))
+            or not math.isfinite(tempering)
+            or tempering < 0
+        ):
+            raise ValueError(
+                f"tempering: expected None, {TEMPERING[0]!r}, {TEMPERING[1]!r} or an exponent >= 0, "
+                f"got {tempering!r}"
+            )
+        else:
+            tempering = float(tempering)
+    if (
+        isinstance(tempering_ess, bool)
+        or not isinstance(tempering_ess, (int, float))
+        or not 0 < tempering_ess <= 1
+    ):
+        raise ValueError(f"tempering_ess: expected a number in (0, 1], got {tempering_ess!r}")
+    return tempering
+
+
+def tempering_schedule(num_steps: int, exponent: float = 1.0) -> torch.Tensor:
+    """The fixed schedule ``λ_k = ((K − k + 1)/K)^p``, k = 1 … K, as a float64 tensor ``(K,)``
+    whose entry k − 1 is λ_k: λ_1 = 1 at the data end, λ_K = K^{-p} at the noise end
+    (p = 0: no tempering)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int K >= 1, got {num_steps!r}")
+    if (
+        isinstance(exponent, bool)
+        or not isinstance(exponent, (int, float))
+        or not math.isfinite(exponent)
+        or exponent < 0
+    ):
+        raise ValueError(f"exponent: expected a number >= 0, got {exponent!r}")
+    k = torch.arange(1, num_steps + 1, dtype=torch.float64)
+    return ((num_steps - k + 1) / num_steps) ** exponent
+
+
+def conditional_ess(log_weights: torch.Tensor, increment: torch.Tensor) -> float:
+    """(Σ_n w̄_n G_n)² / Σ_n w̄_n G_n² ∈ [0, 1] for normalized ``log_weights`` log w̄ and
+    incremental log-weights log G (0 when every G is zero)."""
+    g = torch.nan_to_num(increment.to(torch.float64), nan=-math.inf)
+    first = (log_weights + g).logsumexp(-1)
+    second = (log_weights + 2 * g).logsumexp(-1)
+    value = (2 * first - second).exp().item()
+    return value if math.isfinite(value) else 0.0
+
+
+def adaptive_temperature(log_weights, base, log_twist, low: float, target: float, iterations: int = 40):
+    """The largest λ in [low, 1] whose incremental weights ``base + λ · log_twist`` keep the
+    conditional ESS at or above ``target`` (``low`` if none does; bisection)."""
+
+    def ok(lam):
+        return conditional_ess(log_weights, base + lam * log_twist) >= target
+
+    if ok(1.0):
+        return 1.0
+    if not ok(low):
+        return low
+    lo, hi = low, 1.0
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
 
 
 def systematic_resample(log_weights: torch.Tensor) -> torch.Tensor:
@@ -127,9 +222,10 @@ class _TwistedChain:
             return float(torch.exp(self.grid[k - 1]).cpu() * spread)
         return 0.0
 
-    def twist(self, x_k: torch.Tensor, k: int) -> dict:
+    def twist(self, x_k: torch.Tensor, k: int, drift: bool = True) -> dict:
         """At level k: the move's distribution (the reverse step to k − 1, or the decoder at
-        k = 1), log p̃_k(y | x_k) and the drift s_k² ∇ log p̃_k (one network call)."""
+        k = 1), log p̃_k(y | x_k) and the drift s_k² ∇ log p̃_k, capped (one network call);
+        ``drift=False``: the uncapped shift as ``score`` instead, for :meth:`drift`."""
         d, grid = self.diffusion, self.grid
         with torch.enable_grad(), frozen(d):
             x = x_k.detach().requires_grad_(True)
@@ -147,13 +243,23 @@ class _TwistedChain:
         loc, scale = step.loc.detach(), step.scale.detach()
         if self.variances is not None:
             scale = self.variances.scale(k, loc)
-        drift = scale**2 * grad
+        score = scale**2 * grad
+        state = {"loc": loc, "scale": scale, "log_twist": log_twist.detach()}
+        if drift:
+            state["drift"] = self.drift(score, scale)
+        else:
+            state["score"] = score
+        return state
+
+    def drift(self, score: torch.Tensor, scale: torch.Tensor, temperature: float | None = None):
+        """The proposal's shift: ``temperature · score`` (``score`` if None), capped."""
+        drift = score if temperature is None else temperature * score
         if self.max_drift is not None:  # a trust region on the proposal: ‖drift‖ ≤ c s_k √D
             dims = tuple(range(1, drift.dim()))
             limit = self.max_drift * scale.pow(2).sum(dims, keepdim=True).sqrt()
             norm = drift.pow(2).sum(dims, keepdim=True).sqrt()
             drift = drift * (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
-        return {"loc": loc, "scale": scale, "log_twist": log_twist.detach(), "drift": torch.nan_to_num(drift)}
+        return torch.nan_to_num(drift)
 
     def final_move(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A draw of x_0 from p(x_0 | x_1, y) ∝ N(x_0; μ, diag v) N(y; A x_0, σ_y² I) per
@@ -192,6 +298,8 @@ def twisted_smc(
     twist_variance: str = "pigdm",
     max_drift: float | None = 1.0,
     reverse_variance: ReverseVariances | None = None,
+    tempering: str | float | None = None,
+    tempering_ess: float = 0.5,
     seed: int | None = None,
     progress: bool = False,
 ) -> PosteriorResult:
@@ -218,6 +326,13 @@ def twisted_smc(
             :func:`~pyro_diffusion.inference.variances.analytic_variances` on the same grid:
             they replace the variances of the reverse steps and of the decoder, i.e. the chain
             p_θ whose conditional is targeted.
+        tempering: None (default: the twists as they are), ``"linear"`` or a float exponent
+            p ≥ 0 (the fixed schedule λ_k = ((K − k + 1)/K)^p of :func:`tempering_schedule`;
+            ``"linear"`` is p = 1, p = 0 gives the untempered sampler) or ``"adaptive"``
+            (each λ_k chosen by bisection from the particles' weights): the twist at level k is
+            p̃_k^{λ_k}; the final likelihood is exact, so the target is unchanged.
+        tempering_ess: with ``"adaptive"``, the smallest conditional ESS, as a fraction of N,
+            that a step's incremental weights may leave.
         seed: seed for Pyro's and torch's generators (None: leave them as they are).
         progress: progress bar over the K levels.
 
@@ -226,7 +341,8 @@ def twisted_smc(
         particles (``draws``, ``log_weights``) and ``diagnostics`` ``ess`` and ``resampled``
         ``(K + 1,)`` (entry 0 after initializing x_K, entry K − k + 1 after drawing x_{k−1};
         ESS before any resampling), ``log_evidence`` (the SMC estimate of log p_θ(y), whose
-        exponential is unbiased), ``num_particles``, ``twist_variance``, ``ess_threshold``.
+        exponential is unbiased), ``num_particles``, ``twist_variance``, ``ess_threshold``;
+        with ``tempering`` also ``tempering`` and ``temperatures`` ``(K,)`` (entry k − 1: λ_k).
     """
     check_conditioning(diffusion, observation, y)
     if isinstance(observation.noise_scale, torch.Tensor) and observation.noise_scale.numel() != 1:
@@ -245,6 +361,7 @@ def twisted_smc(
         raise ValueError(f"ess_threshold: expected a number in [0, 1], got {ess_threshold!r}")
     if max_drift is not None and not max_drift > 0:
         raise ValueError(f"max_drift: expected None or a positive number, got {max_drift!r}")
+    tempering = check_tempering(tempering, tempering_ess)
     grid = inference_grid(diffusion, num_steps)
     variances = check_variances(diffusion, reverse_variance, grid)
     if twist_variance == "analytic" and variances is None:
@@ -279,11 +396,27 @@ def twisted_smc(
         resampled.append(bool(resample))
         return systematic_resample(log_weights) if resample else None
 
+    # tempering: λ_k per level (a fixed schedule, or chosen when x_k is drawn)
+    schedule = tempering_schedule(K, tempering) if isinstance(tempering, float) else None
+    temperatures: list[float] = []  # λ_K, …, λ_1 in the order used
+
+    def temperature(k: int, base: torch.Tensor, log_twist: torch.Tensor, low: float) -> float:
+        if schedule is not None:
+            return float(schedule[k - 1])
+        return adaptive_temperature(log_weights, base, log_twist, low, float(tempering_ess))
+
     # x_K ~ N(0, I): the proposal is the prior, the weight the first twist
     zeros = torch.zeros((N, *diffusion.event_shape), dtype=dtype, device=diffusion.device)
     x = dist.Normal(zeros, 1.0).to_event(event_dims).sample()
-    state = chain.twist(x, K)
-    index = reweight(state["log_twist"])
+    if tempering is None:
+        state = chain.twist(x, K)
+        index = reweight(state["log_twist"])
+    else:
+        state = chain.twist(x, K, drift=False)
+        lam = temperature(K, torch.zeros_like(state["log_twist"]), state["log_twist"], 0.0)
+        state["drift"] = chain.drift(state.pop("score"), state["scale"], lam)
+        temperatures.append(lam)
+        index = reweight(lam * state["log_twist"])
     if index is not None:
         x, state = x[index], {key: value[index] for key, value in state.items()}
         log_weights = torch.full_like(log_weights, -math.log(N))
@@ -292,16 +425,34 @@ def twisted_smc(
             prior = dist.Normal(state["loc"], state["scale"]).to_event(event_dims)
             proposal = dist.Normal(state["loc"] + state["drift"], state["scale"]).to_event(event_dims)
             x = proposal.sample()
-            new = chain.twist(x, k - 1)
-            increment = prior.log_prob(x) - proposal.log_prob(x) + new["log_twist"] - state["log_twist"]
+            if tempering is None:
+                new = chain.twist(x, k - 1)
+                increment = prior.log_prob(x) - proposal.log_prob(x) + new["log_twist"] - state["log_twist"]
+            else:  # the same sums with the twists to the powers λ_{k−1}, λ_k
+                new = chain.twist(x, k - 1, drift=False)
+                base = prior.log_prob(x) - proposal.log_prob(x)
+                lam_new = temperature(k - 1, base - lam * state["log_twist"], new["log_twist"], lam)
+                increment = base + lam_new * new["log_twist"] - lam * state["log_twist"]
+                new["drift"] = chain.drift(new.pop("score"), new["scale"], lam_new)
+                lam = lam_new
+                temperatures.append(lam)
             state = new
         else:
             x, log_norm = chain.final_move(state)
-            increment = log_norm - state["log_twist"]
+            if tempering is None:
+                increment = log_norm - state["log_twist"]
+            else:  # the likelihood itself (λ_0 = 1)
+                increment = log_norm - lam * state["log_twist"]
         index = reweight(increment)
         if index is not None:
             x, state = x[index], {key: value[index] for key, value in state.items()}
             log_weights = torch.full_like(log_weights, -math.log(N))
+    extra = {}
+    if tempering is not None:
+        extra = {
+            "tempering": tempering if isinstance(tempering, str) else float(tempering),
+            "temperatures": torch.tensor(temperatures[::-1], dtype=torch.float64),
+        }
     return PosteriorResult(
         draws=x.detach().clone(),
         log_weights=log_weights.to(dtype),
@@ -313,6 +464,7 @@ def twisted_smc(
             "twist_variance": twist_variance,
             "ess_threshold": float(ess_threshold),
             "reverse_variance": "model" if variances is None else variances.estimator,
+            **extra,
         },
         seconds=time.perf_counter() - start,
         network_calls=chain.network_calls,
