@@ -44,10 +44,10 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from ..inference.mixture import mixture_diffusion, mode_weight_error, random_problem, sliced_wasserstein
 from ..inference.nuts import nuts_conditional
 from ..inference.smc import twisted_smc
 from ..inference.svi import svi_conditional
+from .posterior_study import setup_problem
 
 __all__ = ["MCMCConfig", "METHODS", "run_problem", "summarize", "markdown_table", "write_docs", "main"]
 
@@ -126,33 +126,11 @@ class MCMCConfig:
 def run_problem(config: MCMCConfig, dim: int, num_observations: int, index: int) -> dict:
     """The methods on one problem: ``{method: {sw, max_sw, mode_error, seconds,
     network_calls, evaluations, ...}}`` plus the problem's ``noise_scale``."""
-    seed = config.seed + 1000 * dim + 100 * num_observations + index
-    sigma = config.noise_scale(index)
-    problem = random_problem(dim, num_observations, sigma, num_components=config.num_components, seed=seed)
-    posterior = problem.posterior()
-    diffusion = mixture_diffusion(problem.mixture)
+    setup = setup_problem(config, dim, num_observations, index)
+    seed, problem, diffusion, score = setup.seed, setup.problem, setup.diffusion, setup.score
+    sigma, generator = setup.noise_scale, setup.generator
     obs, y, K, n = problem.observation, problem.y, config.num_steps, config.num_draws
-    generator = torch.Generator().manual_seed(seed)
-    pyro.set_rng_seed(seed)
-    reference = posterior.sample((config.num_reference,))
-
-    def score(draws, seconds=float("nan"), calls=0, evaluations=0, extra=None):
-        sw_args = {"num_projections": config.num_projections, "seed": seed}
-        row = {
-            "sw": sliced_wasserstein(draws, reference, **sw_args),
-            "max_sw": sliced_wasserstein(draws, reference, maximum=True, **sw_args),
-            "mode_error": mode_weight_error(posterior, draws),
-            "seconds": seconds,
-            "network_calls": calls,
-            "evaluations": evaluations,
-        }
-        row.update(extra or {})
-        return row
-
-    rows = {
-        "floor": score(posterior.sample((n,))),
-        "ceiling": score(problem.mixture.sample(n, generator)),
-    }
+    rows = {"floor": setup.floor, "ceiling": setup.ceiling}
     methods = config.methods
     if "tds" in methods:
         N = config.tds_particles

@@ -49,7 +49,9 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pyro
 import torch
@@ -259,15 +261,37 @@ def parse_cell(cell) -> tuple[int, int]:
     return d, m
 
 
-def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int) -> dict:
-    """All methods on one problem: ``{method: {sw, max_sw, mode_error, seconds, network_calls,
-    evaluations}}`` plus the problem's ``noise_scale``."""
+class ProblemSetup(NamedTuple):
+    """One study problem and what every method is scored against: its ``seed``, the
+    ``problem`` (:func:`~pyro_diffusion.inference.mixture.random_problem`), the exact
+    ``posterior``, the exact-denoiser ``diffusion``, the ``reference`` draws, ``score(draws,
+    seconds, calls, evaluations, extra)`` (sliced W, max-sliced W and mode-weight error against
+    the reference), the ``floor`` and ``ceiling`` rows (exact and prior draws, scored), the
+    problem's ``noise_scale`` and the seeded ``generator`` the ceiling's draws came from (the
+    methods' resampling continues its stream)."""
+
+    seed: int
+    problem: object
+    posterior: object
+    diffusion: object
+    reference: torch.Tensor
+    score: Callable[..., dict]
+    floor: dict
+    ceiling: dict
+    noise_scale: float
+    generator: torch.Generator
+
+
+def setup_problem(config, dim: int, num_observations: int, index: int) -> ProblemSetup:
+    """The problem ``index`` of cell (``dim``, ``num_observations``) for a study ``config``
+    (anything with ``seed``, ``noise_scale(index)``, ``num_components``, ``num_draws``,
+    ``num_reference`` and ``num_projections``); seeds Pyro's generator with the problem's seed."""
     seed = config.seed + 1000 * dim + 100 * num_observations + index
     sigma = config.noise_scale(index)
     problem = random_problem(dim, num_observations, sigma, num_components=config.num_components, seed=seed)
     posterior = problem.posterior()
     diffusion = mixture_diffusion(problem.mixture)
-    obs, y, K, n = problem.observation, problem.y, config.num_steps, config.num_draws
+    n = config.num_draws
     generator = torch.Generator().manual_seed(seed)
     pyro.set_rng_seed(seed)
     reference = posterior.sample((config.num_reference,))
@@ -285,10 +309,21 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         row.update(extra or {})
         return row
 
-    rows = {
-        "floor": score(posterior.sample((n,))),
-        "ceiling": score(problem.mixture.sample(n, generator)),
-    }
+    floor = score(posterior.sample((n,)))
+    ceiling = score(problem.mixture.sample(n, generator))
+    return ProblemSetup(
+        seed, problem, posterior, diffusion, reference, score, floor, ceiling, sigma, generator
+    )
+
+
+def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int) -> dict:
+    """All methods on one problem: ``{method: {sw, max_sw, mode_error, seconds, network_calls,
+    evaluations}}`` plus the problem's ``noise_scale``."""
+    setup = setup_problem(config, dim, num_observations, index)
+    seed, problem, diffusion, score = setup.seed, setup.problem, setup.diffusion, setup.score
+    sigma, generator = setup.noise_scale, setup.generator
+    obs, y, K, n = problem.observation, problem.y, config.num_steps, config.num_draws
+    rows = {"floor": setup.floor, "ceiling": setup.ceiling}
     # per-level reverse variances (Analytic-DPM) from M draws of the prior, standing in for the
     # training data: only the network is called; once per model and grid, shared by every
     # observation
