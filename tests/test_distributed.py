@@ -70,6 +70,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
             data_parallel_step(module, optimizer, x0, reduction=reduction)
             states.append([p.detach().clone() for p in diffusion.parameters()])
         torch.save(states, os.path.join(out_dir, f"rank{rank}.pt"))
+        # both ranks done before either tears down gloo: a rank that destroys its group while
+        # the other is still inside a collective can abort the other process
+        torch_dist.barrier()
     finally:
         torch_dist.destroy_process_group()
 
