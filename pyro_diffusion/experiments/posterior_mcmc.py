@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import re
 import statistics
 import sys
 import time
@@ -47,7 +46,7 @@ from tqdm.auto import tqdm
 from ..inference.nuts import nuts_conditional
 from ..inference.smc import twisted_smc
 from ..inference.svi import svi_conditional
-from .posterior_study import setup_problem
+from .posterior_study import replace_section, setup_problem
 
 __all__ = ["MCMCConfig", "METHODS", "run_problem", "summarize", "markdown_table", "write_docs", "main"]
 
@@ -324,18 +323,7 @@ def write_docs(path: Path, section: str) -> None:
     """Insert or replace section 9 of ``docs/prior.md``, leaving every other section as it is:
     the text from :data:`SECTION_TITLE` to the next ``## `` heading (or the end) is replaced;
     without it the section is appended at the end."""
-    text = path.read_text()
-    block = section.rstrip("\n") + "\n"
-    if SECTION_TITLE in text:
-        start = text.index(SECTION_TITLE)
-        rest = text[start + len(SECTION_TITLE) :]
-        match = re.search(r"^## ", rest, flags=re.MULTILINE)
-        end = start + len(SECTION_TITLE) + match.start() if match else len(text)
-        tail = text[end:]
-        text = text[:start] + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    replace_section(path, SECTION_TITLE, section)
 
 
 def main(argv=None) -> dict:

@@ -820,19 +820,19 @@ def _spread_lines(config: StudyConfig, results: list[dict] | None) -> list[str]:
 NOTES_START = "What the run says"
 
 
-def write_docs(path: Path, section: str) -> None:
-    """Replace the study's section of ``docs/prior.md`` (from its title to the next ``## ``
-    heading, or the end), or append it; the rest of the file is left as it is, and so are the
-    section's hand-written notes (from a line starting with ``NOTES_START`` to the section's
-    end), which follow the new text."""
+def replace_section(path: Path, title: str, section: str, notes_start: str | None = None) -> None:
+    """Replace the section of the Markdown file ``path`` that starts at the line ``title``
+    (to the next ``## `` heading, or the end) by ``section``, or append it; the rest of the
+    file is left as it is.  With ``notes_start``, the old section's hand-written notes (from a
+    line starting with it to the section's end) are kept after the new text."""
     text = path.read_text()
-    if SECTION_TITLE in text:
-        start = text.index(SECTION_TITLE)
-        following = text.find("\n## ", start + len(SECTION_TITLE))
+    if title in text:
+        start = text.index(title)
+        following = text.find("\n## ", start + len(title))
         rest = "" if following < 0 else text[following + 1 :]
         old = text[start : len(text) if following < 0 else following + 1]
-        notes = old.find("\n" + NOTES_START)
-        if notes >= 0 and NOTES_START not in section:
+        notes = -1 if notes_start is None else old.find("\n" + notes_start)
+        if notes >= 0 and notes_start not in section:
             section = section.rstrip("\n") + "\n\n" + old[notes + 1 :].strip("\n") + "\n"
         text = (
             text[:start].rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + ("\n" + rest if rest else "")
@@ -840,6 +840,13 @@ def write_docs(path: Path, section: str) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section
     path.write_text(text)
+
+
+def write_docs(path: Path, section: str) -> None:
+    """Replace the study's section of ``docs/prior.md`` (:func:`replace_section`), keeping
+    its hand-written notes (from a line starting with ``NOTES_START``), which follow the new
+    text."""
+    replace_section(path, SECTION_TITLE, section, NOTES_START)
 
 
 def main(argv=None) -> dict:

@@ -37,6 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..diffusion import Diffusion
+from ..schedules import check_num_steps
 from .observations import LinearObservation, check_conditioning
 from .prior import frozen, inference_grid, relaxed
 from .result import PosteriorResult
@@ -50,12 +51,6 @@ _LOG_2PI = math.log(2 * math.pi)
 
 def _normal_log_prob(x, loc, var):
     return -0.5 * ((x - loc) ** 2 / var + var.log() + _LOG_2PI)
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
 
 
 @torch.no_grad()
@@ -100,8 +95,8 @@ def mcgdiff(
         raise ValueError("observation: mcgdiff needs a scalar noise_scale")
     if y.dim() != 1:
         raise ValueError(f"y: expected one observation of shape (m,), got {tuple(y.shape)}")
-    N = _check_positive_int("num_particles", num_particles, 2)
-    R = _check_positive_int("num_runs", num_runs)
+    N = check_num_steps(num_particles, "num_particles", 2)
+    R = check_num_steps(num_runs, "num_runs")
     if (
         isinstance(ess_threshold, bool)
         or not isinstance(ess_threshold, (int, float))

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from ..diffusion import Diffusion
 from ..parameterization import step_coefficients
+from ..schedules import check_num_steps
 from .prior import check_diffusion, frozen, inference_grid, relaxed
 
 __all__ = ["ReverseVariances", "analytic_variances", "ancestral_sample", "ESTIMATORS", "check_variances"]
@@ -93,12 +94,6 @@ def check_variances(diffusion: Diffusion, reverse_variance, grid: torch.Tensor) 
     return reverse_variance
 
 
-def _check_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
 @torch.no_grad()
 def ancestral_sample(
     diffusion: Diffusion,
@@ -112,7 +107,7 @@ def ancestral_sample(
     """``num_samples`` unconditional draws ``(n, *event_shape)`` of the K-step chain, with the
     model's reverse variances or those of ``reverse_variance`` (a discretized decoder is relaxed)."""
     check_diffusion(diffusion)
-    n = _check_int("num_samples", num_samples)
+    n = check_num_steps(num_samples, "num_samples")
     grid = inference_grid(diffusion, num_steps)
     rv = check_variances(diffusion, reverse_variance, grid)
     generator = None
@@ -177,7 +172,7 @@ def analytic_variances(
     K = grid.shape[0]
     evaluations = 0
     if data is None:
-        M = _check_int("num_samples", num_samples, 2)
+        M = check_num_steps(num_samples, "num_samples", 2)
         data = ancestral_sample(diffusion, M, num_steps=num_steps, seed=seed, progress=progress)
         evaluations += M * K
     else:
