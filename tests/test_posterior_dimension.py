@@ -275,3 +275,41 @@ def test_the_study_runs_tempered_rows_and_refuses_bad_ones(tmp_path):
         assert 0 <= rows[name]["noise_end_temperature"] <= 1 and 0 <= rows[name]["untempered_levels"] <= 10
     assert rows["tds-t2@128x10"]["noise_end_temperature"] == pytest.approx(0.01)
     assert rows["tds-t2@128x10"]["untempered_levels"] == 1
+
+
+def test_the_study_runs_gaussian_proposal_rows_and_refuses_bad_ones(tmp_path):
+    from pyro_diffusion.experiments import posterior_study
+
+    config = posterior_study.StudyConfig()
+    spec = posterior_study.parse_method("tds-av-an-proj-gauss@2000x50", config)
+    assert (
+        spec["variances"] and spec["analytic_twist"] and spec["particles"] == 2000 and spec["num_steps"] == 50
+    )
+    assert spec["proposal"] == "gaussian" and spec["twist_covariance"] == "projected"
+    plain = posterior_study.parse_method("tds@1000", config)
+    assert plain["proposal"] == "gradient" and plain["twist_covariance"] == "isotropic"
+    assert plain["analytic_twist"] is None
+    for bad in ("tds-an-gauss", "mcgdiff-gauss", "mcgdiff-av-proj", "tds-gauss-tlinear", "tds-gauss-proj"):
+        with pytest.raises(ValueError, match="^methods: "):
+            posterior_study.parse_method(bad, config)
+    out = tmp_path / "posterior"
+    methods = ["tds-proj-gauss@128x10", "tds-av-an-proj-gauss@128x10"]
+    posterior_study.main(
+        [
+            "--quick",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--num-problems",
+            "1",
+            "--cells",
+            "8:4",
+            "--methods",
+            *methods,
+        ]
+    )
+    rows = json.loads((out / "results.json").read_text())["problems"][0]["methods"]
+    for name in methods:
+        assert rows[name]["network_calls"] == 10 and rows[name]["evaluations"] == 1280
+        assert rows[name]["sw"] > 0
+    assert rows["tds-av-an-proj-gauss@128x10"]["setup_evaluations"] > 0

@@ -26,7 +26,10 @@ shows the λ with the lowest median per cell, which favours DPS).  ``methods`` s
 (:func:`parse_method`): ``tds``, ``mcgdiff``, either with ``-av`` and ``@N`` (N particles) or
 ``@NxK`` (N particles on a K-level grid instead of ``num_steps``; ``-av`` rows then estimate their
 variances on that grid), twisted SMC also with tempered twists (``-tlinear``, ``-tP`` for the
-exponent P, ``-tadaptive`` or ``-tadaptiveF`` for a conditional-ESS fraction F, before ``@``), ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
+exponent P, ``-tadaptive`` or ``-tadaptiveF`` for a conditional-ESS fraction F, before ``@``)
+or with ``-an`` (after ``-av``: the analytic twist variance, per coordinate), ``-proj`` (the
+projected twist covariance σ_y² I + A diag(r_k) Aᵀ) and ``-gauss`` (the Gaussian proposal), in
+that order, ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
 into draws by ``draw_scheme`` resampling.  The budget is read two ways: network calls per
 problem (one batched call counts once) and per-datum evaluations (a call on N particles counts
 N; the variance estimate is per model and counted apart, ``setup_evaluations``); under each the
@@ -173,7 +176,7 @@ def default_methods(config: StudyConfig) -> list[str]:
 
 
 _SMC_NAME = re.compile(
-    r"(tds|mcgdiff)(-av)?(?:-t(linear|adaptive(?:0?\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?))?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?"
+    r"(tds|mcgdiff)(-av)?(-an)?(-proj)?(-gauss)?(?:-t(linear|adaptive(?:0?\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?))?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?"
 )
 
 
@@ -194,19 +197,33 @@ def parse_method(name: str, config: StudyConfig) -> dict:
         "kind": name,
         "variances": False,
         "tempering": None,
+        "proposal": "gradient",
+        "twist_covariance": "isotropic",
+        "analytic_twist": None,
         "particles": None,
         "num_steps": config.num_steps,
     }
     match = _SMC_NAME.fullmatch(name)
     if match:
-        kind, av, tempering, particles, levels = match.groups()
+        kind, av, an, proj, gauss, tempering, particles, levels = match.groups()
+        if an is not None and (kind != "tds" or av is None):
+            raise ValueError(f"methods: {name!r}: -an (the analytic twist variance) needs a tds-av row")
+        if proj is not None and kind != "tds":
+            raise ValueError(f"methods: {name!r}: only tds rows take -proj (the projected twist covariance)")
         if tempering is not None and kind != "tds":
             raise ValueError(f"methods: {name!r}: only tds rows take -t (tempering)")
+        if gauss is not None and kind != "tds":
+            raise ValueError(f"methods: {name!r}: only tds rows take -gauss (the Gaussian proposal)")
+        if gauss is not None and tempering is not None:
+            raise ValueError(f"methods: {name!r}: -gauss and -t do not combine")
         default = config.num_particles if kind == "tds" else config.mcgdiff_particles
         spec.update(
             kind=kind,
             variances=av is not None,
             tempering=_tempering(tempering),
+            proposal="gradient" if gauss is None else "gaussian",
+            twist_covariance="isotropic" if proj is None else "projected",
+            analytic_twist=None if an is None else True,
             particles=default if particles is None else int(particles),
             num_steps=config.num_steps if levels is None else int(levels),
         )
@@ -223,7 +240,7 @@ def parse_method(name: str, config: StudyConfig) -> dict:
         if math.isfinite(lam) and lam > 0:
             return {**spec, "kind": "dps", "step_per_level": lam}
     raise ValueError(
-        f"methods: unknown method {name!r} (expected tds[-av][-tT][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
+        f"methods: unknown method {name!r} (expected tds[-av][-an][-proj][-gauss][-tT][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
         "replacement or dps@λ)"
     )
 
@@ -349,8 +366,18 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
     twist = "analytic" if config.analytic_twist else "pigdm"
     scheme = config.draw_scheme
 
-    def smc_row(name, num_particles, levels, use_variances, tempering=None):
+    def smc_row(
+        name,
+        num_particles,
+        levels,
+        use_variances,
+        tempering=None,
+        proposal="gradient",
+        covariance="isotropic",
+        analytic_twist=None,
+    ):
         reverse_variance, setup = variances_on(levels) if use_variances else (None, {})
+        row_twist = "analytic" if analytic_twist else twist
         r = twisted_smc(
             diffusion,
             obs,
@@ -358,7 +385,9 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
             num_particles=num_particles,
             num_steps=levels,
             reverse_variance=reverse_variance,
-            twist_variance="pigdm" if reverse_variance is None else twist,
+            twist_variance="pigdm" if reverse_variance is None else row_twist,
+            proposal=proposal,
+            twist_covariance=covariance,
             **(tempering or {}),
         )
         extra = {"ess": r.ess, "num_steps": levels, **setup}
@@ -407,7 +436,16 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         spec = parse_method(name, config)
         kind = spec["kind"]
         if kind == "tds":
-            smc_row(name, spec["particles"], spec["num_steps"], spec["variances"], spec["tempering"])
+            smc_row(
+                name,
+                spec["particles"],
+                spec["num_steps"],
+                spec["variances"],
+                spec["tempering"],
+                spec["proposal"],
+                spec["twist_covariance"],
+                spec["analytic_twist"],
+            )
         elif kind == "mcgdiff":
             mcgdiff_row(name, spec["particles"], spec["num_steps"], spec["variances"])
         else:
@@ -870,7 +908,7 @@ def main(argv=None) -> dict:
         "--methods",
         nargs="+",
         default=None,
-        help="only these rows (tds[-av][-tT][@N[xK]], T linear|adaptive|exponent; mcgdiff[-av][@N[xK]], "
+        help="only these rows (tds[-av][-an][-proj][-gauss][-tT][@N[xK]], T linear|adaptive|exponent; mcgdiff[-av][@N[xK]], "
         "ddrm, replacement, dps@λ)",
     )
     parser.add_argument(

@@ -43,12 +43,28 @@ target and the consistency above are unchanged.  A fixed schedule is
 x_k is drawn, as the largest value in [λ_{k+1}, 1] whose incremental weights keep the conditional
 ESS (Σ_n w̄_n G_n)² / Σ_n w̄_n G_n² at or above ``tempering_ess`` (bisection; no network calls).
 
+``twist_covariance="projected"`` replaces the twist's covariance (σ_y² + r_k) I by
+σ_y² I + A diag(r_k) Aᵀ, the covariance of A x_0 given x_k when Cov[x_0 | x_k] ≈ diag(r_k) (the
+ΠGDM form; r_k per coordinate with the analytic twist variance on per-coordinate estimates): the
+same for a mask, whose A Aᵀ = I, and much closer to p(y | x_k) for a dense A whose rows are not
+orthonormal.
+
+``proposal="gaussian"`` draws x_{k−1} from the reverse step times the level-(k − 1) twist
+linearized about the step's mean μ, ``N(y; A x̂_0(x_k) + A diag(c_{k−1}) (x − μ), R_{k−1})``
+with c the Jacobian ∂x̂_0/∂x ≈ α r / σ² that the twist's own covariance implies and R the twist's
+covariance.  This Gaussian product is drawn exactly (Matheron's rule, like the last step) and its
+normalizer Z gives the weight ``Z p̃_{k−1}(y | x_{k−1}) / (p̃_k(y | x_k) · factor(x_{k−1}))``; no
+gradient of the network is taken and no drift cap is needed.  For a Gaussian prior whose
+conditional covariances the twist gets right (unit variance with ΠGDM; any diagonal one with the
+analytic variances) and a chain with the analytic reverse variances, every weight is the same
+and the evidence estimate is exact.
+
 After every reweighting the effective sample size ESS = 1/Σ w̄² is recorded and the particles
 are resampled (systematic resampling) when it falls below ``ess_threshold · N``.  With
 ``reverse_variance`` the chain's step and decoder variances are the per-level estimates of
 :func:`~pyro_diffusion.inference.variances.analytic_variances` instead of the model's.
-Densities are :mod:`pyro.distributions` objects.  Cost: one network call (with its gradient) per level
-for all N particles, K in all.
+Densities are :mod:`pyro.distributions` objects.  Cost: one network call per level for all N
+particles, K in all (with its gradient for the default ``proposal="gradient"``).
 """
 
 from __future__ import annotations
@@ -75,9 +91,17 @@ __all__ = [
     "RESAMPLING",
     "TWIST_VARIANCES",
     "TEMPERING",
+    "PROPOSALS",
+    "TWIST_COVARIANCES",
 ]
 
 TWIST_VARIANCES = ("pigdm", "none", "analytic")
+
+#: the twist's covariance in y: (σ_y² + r_k) I or σ_y² I + r_k A Aᵀ
+TWIST_COVARIANCES = ("isotropic", "projected")
+
+#: the proposals of the moves x_k → x_{k−1}
+PROPOSALS = ("gradient", "gaussian")
 
 #: the named tempering options (besides None and a float exponent)
 TEMPERING = ("linear", "adaptive")
@@ -200,8 +224,22 @@ def resample(log_weights: torch.Tensor, scheme: str = "systematic") -> torch.Ten
 class _TwistedChain:
     """The per-level computations: the reverse step (or decoder) at x_k and the twist."""
 
-    def __init__(self, diffusion: Diffusion, observation, y, grid, twist_variance, max_drift, variances=None):
+    def __init__(
+        self,
+        diffusion: Diffusion,
+        observation,
+        y,
+        grid,
+        twist_variance,
+        max_drift,
+        variances=None,
+        proposal="gradient",
+        twist_covariance="isotropic",
+    ):
         self.diffusion = diffusion
+        self.proposal = proposal
+        self.twist_covariance = twist_covariance
+        self._cholesky = {}
         self.variances = variances
         self.observation = observation
         self.y = y
@@ -222,29 +260,43 @@ class _TwistedChain:
             return float(torch.exp(self.grid[k - 1]).cpu() * spread)
         return 0.0
 
+    def allowance_vector(self, k: int, dtype, device) -> torch.Tensor:
+        """r_k per coordinate ``(D,)``: with ``"analytic"`` and per-coordinate variances the
+        estimates (σ_k²/α_k²)(1 − Γ_{k,i}), otherwise r_k for every coordinate."""
+        size = self.observation.matrix.shape[1]
+        if self.twist_variance == "analytic" and self.variances.gamma_hat[k - 1].numel() == size:
+            spread = (1.0 - self.variances.gamma_hat[k - 1].to(torch.float64)).clamp(min=0.0).reshape(-1)
+            return (torch.exp(self.grid[k - 1]).cpu().to(torch.float64) * spread).to(
+                device=device, dtype=dtype
+            )
+        return torch.full((size,), self.twist_allowance(k), dtype=dtype, device=device)
+
     def twist(self, x_k: torch.Tensor, k: int, drift: bool = True) -> dict:
         """At level k: the move's distribution (the reverse step to k − 1, or the decoder at
-        k = 1), log p̃_k(y | x_k) and the drift s_k² ∇ log p̃_k, capped (one network call);
-        ``drift=False``: the uncapped shift as ``score`` instead, for :meth:`drift`."""
+        k = 1), log p̃_k(y | x_k) and the drift s_k² ∇ log p̃_k, capped (one network call, with
+        its gradient); ``drift=False``: the uncapped shift as ``score`` instead, for
+        :meth:`drift`.  With the Gaussian proposal no gradient: A x̂_0(x_k) as ``mean_y``."""
         d, grid = self.diffusion, self.grid
-        with torch.enable_grad(), frozen(d):
-            x = x_k.detach().requires_grad_(True)
+        gradient = self.proposal == "gradient"
+        with torch.enable_grad() if gradient else torch.no_grad(), frozen(d):
+            x = x_k.detach().requires_grad_(gradient)
             if k > 1:
                 step, (prediction, _) = d.reverse_step(x, grid[k - 2], grid[k - 1])
             else:
                 prediction, variance_output = d.predict(x, grid[0], grid[0].new_tensor(-math.inf))
                 step = relaxed(d.decoder_distribution(x, grid[0], prediction, variance_output))
-            r = self.twist_allowance(k)
-            log_twist = self.observation.log_prob(
-                self.y, prediction.x0, noise_scale=math.sqrt(self.noise_var + r)
-            )
-            (grad,) = torch.autograd.grad(log_twist.sum(), x)
+            log_twist = self.twist_distribution(k, self.observation.mean(prediction.x0)).log_prob(self.y)
+            if gradient:
+                (grad,) = torch.autograd.grad(log_twist.sum(), x)
         self.network_calls += 1
         loc, scale = step.loc.detach(), step.scale.detach()
         if self.variances is not None:
             scale = self.variances.scale(k, loc)
-        score = scale**2 * grad
         state = {"loc": loc, "scale": scale, "log_twist": log_twist.detach()}
+        if not gradient:
+            state["mean_y"] = self.observation.mean(prediction.x0.detach())
+            return state
+        score = scale**2 * grad
         if drift:
             state["drift"] = self.drift(score, scale)
         else:
@@ -261,30 +313,96 @@ class _TwistedChain:
             drift = drift * (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
         return torch.nan_to_num(drift)
 
+    def twist_covariance_matrix(self, k: int, dtype, device) -> torch.Tensor:
+        """The twist's covariance at level k, ``(m, m)``: σ_y² I + r_k I (``"isotropic"``) or
+        σ_y² I + A diag(r_k) Aᵀ (``"projected"``: the conditional covariance of x_0 seen through
+        A; per coordinate with the analytic twist variance on per-coordinate estimates)."""
+        A = self.observation.matrix.to(device=device, dtype=dtype)
+        m = A.shape[0]
+        eye = torch.eye(m, dtype=dtype, device=device)
+        if self.twist_covariance == "projected":
+            cov = (A * self.allowance_vector(k, dtype, device)) @ A.T + self.noise_var * eye
+            return 0.5 * (cov + cov.T)
+        return (self.noise_var + self.twist_allowance(k)) * eye
+
+    def twist_distribution(self, k: int, mean_y: torch.Tensor) -> dist.Distribution:
+        """p̃_k(y | x_k) as a distribution over y given A x̂_0(x_k) = ``mean_y`` ``(n, m)``."""
+        if self.twist_covariance == "isotropic":
+            scale = math.sqrt(self.noise_var + self.twist_allowance(k))
+            return dist.Normal(mean_y, scale).to_event(1)
+        key = (k, mean_y.dtype, mean_y.device)
+        if key not in self._cholesky:
+            cov = self.twist_covariance_matrix(k, mean_y.dtype, mean_y.device)
+            self._cholesky[key] = torch.linalg.cholesky(cov)
+        return dist.MultivariateNormal(mean_y, scale_tril=self._cholesky[key])
+
+    def jacobian_scale(self, k: int, dtype, device) -> torch.Tensor:
+        """c_k ``(D,)``: the diagonal standing in for the Jacobian ∂x̂_0/∂x_k of the denoiser at
+        level k, α_k r_k / σ_k² (the Jacobian α_k Cov[x_0 | x_k] / σ_k² with Cov[x_0 | x_k] ≈
+        diag(r_k); r_k per coordinate as in the projected twist covariance, else its mean)."""
+        gamma = self.grid[k - 1].to(torch.float64).cpu()
+        alpha = float(torch.sigmoid(-gamma).sqrt())
+        if self.twist_covariance == "projected":
+            r = self.allowance_vector(k, dtype, device)
+        else:
+            r = torch.full(
+                (self.observation.matrix.shape[1],), self.twist_allowance(k), dtype=dtype, device=device
+            )
+        return alpha * r / float(torch.sigmoid(gamma))
+
+    def gaussian_move(self, loc, var, mean_y, gain, noise_cov: torch.Tensor, likelihood: bool = False):
+        """Draws from N(x; μ, diag v) · N(y; A m + A diag(c) (x − μ), R) / Z per particle
+        (Matheron's rule: no D × D matrix), with ``loc`` μ ``(n, D)``, ``var`` v ``(n, D)``,
+        ``mean_y`` A m ``(n, m)``, ``gain`` c (a number or ``(D,)``) and ``noise_cov`` R
+        ``(m, m)``.  Returns the draws, log Z = log N(y; A m, A diag(c² v) Aᵀ + R) and, with
+        ``likelihood``, the log of the Gaussian factor at the draws."""
+        n = loc.shape[0]
+        A = self.observation.matrix.to(device=loc.device, dtype=loc.dtype)
+        m = A.shape[0]
+        shared = bool((var == var[:1]).all())  # the same variance for every particle
+        v = var[:1] if shared else var
+        cov_y = (A * (gain**2 * v)[:, None, :]) @ A.T + noise_cov  # (1 or n, m, m)
+        cov_y = 0.5 * (cov_y + cov_y.transpose(-1, -2))
+        y = self.y.to(loc.dtype)
+        log_norm = dist.MultivariateNormal(mean_y, covariance_matrix=cov_y).log_prob(y)
+        # Matheron: x' ~ N(μ, diag v), y' = A m + c A (x' − μ) + √R η, x = x' + c diag(v) Aᵀ S⁻¹ (y − y')
+        x_prior = loc + var.sqrt() * torch.randn_like(loc)
+        noise_tril = torch.linalg.cholesky(noise_cov)
+        y_prior = (
+            mean_y
+            + (gain * (x_prior - loc)) @ A.T
+            + torch.randn(n, m, dtype=loc.dtype, device=loc.device) @ noise_tril.T
+        )
+        solve = torch.linalg.solve(cov_y, (y - y_prior).unsqueeze(-1)).squeeze(-1)  # (n, m)
+        x = x_prior + gain * var * (solve @ A)
+        if not likelihood:
+            return x, log_norm
+        mean = mean_y + (gain * (x - loc)) @ A.T
+        factor = dist.MultivariateNormal(mean, scale_tril=noise_tril).log_prob(y)
+        return x, log_norm, factor
+
     def final_move(self, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """A draw of x_0 from p(x_0 | x_1, y) ∝ N(x_0; μ, diag v) N(y; A x_0, σ_y² I) per
         particle (Matheron's rule) and the log of its normalizer N(y; A μ, A diag(v) Aᵀ + σ_y² I)."""
         n = state["loc"].shape[0]
         loc = state["loc"].reshape(n, -1)
         var = state["scale"].reshape(n, -1) ** 2
-        A = self.observation.matrix.to(device=loc.device, dtype=loc.dtype)
-        m = A.shape[0]
-        eye = torch.eye(m, dtype=loc.dtype, device=loc.device)
-        shared = bool((var == var[:1]).all())  # the same decoder variance for every particle
-        v = var[:1] if shared else var
-        cov_y = (A * v[:, None, :]) @ A.T + self.noise_var * eye  # (1 or n, m, m)
-        cov_y = 0.5 * (cov_y + cov_y.transpose(-1, -2))
-        mean_y = loc @ A.T
-        y = self.y.to(loc.dtype)
-        log_norm = dist.MultivariateNormal(mean_y, covariance_matrix=cov_y).log_prob(y)
-        # Matheron: x' ~ N(μ, diag v), y' = A x' + σ_y η, x_0 = x' + diag(v) Aᵀ S⁻¹ (y − y')
-        x_prior = loc + var.sqrt() * torch.randn_like(loc)
-        y_prior = x_prior @ A.T + math.sqrt(self.noise_var) * torch.randn(
-            n, m, dtype=loc.dtype, device=loc.device
-        )
-        solve = torch.linalg.solve(cov_y, (y - y_prior).unsqueeze(-1)).squeeze(-1)  # (n, m)
-        x0 = x_prior + var * (solve @ A)
+        m = self.observation.num_observations
+        noise_cov = self.noise_var * torch.eye(m, dtype=loc.dtype, device=loc.device)
+        x0, log_norm = self.gaussian_move(loc, var, self.observation.mean(state["loc"]), 1.0, noise_cov)
         return x0.reshape(state["loc"].shape), log_norm
+
+    def linearized_move(self, state: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """From x_k (``state``) a draw of x_{k−1} from the reverse step times the level-(k − 1)
+        twist linearized about the step's mean, N(y; A x̂_0(x_k) + c_{k−1} A (x − μ), (σ_y² +
+        r_{k−1}) I), and log p_θ(x_{k−1} | x_k) − log q(x_{k−1}) = log Z − log of that factor."""
+        n = state["loc"].shape[0]
+        loc = state["loc"].reshape(n, -1)
+        var = state["scale"].reshape(n, -1) ** 2
+        gain = self.jacobian_scale(k - 1, loc.dtype, loc.device)
+        noise_cov = self.twist_covariance_matrix(k - 1, loc.dtype, loc.device)
+        x, log_norm, factor = self.gaussian_move(loc, var, state["mean_y"], gain, noise_cov, likelihood=True)
+        return x.reshape(state["loc"].shape), log_norm - factor
 
 
 def twisted_smc(
@@ -300,6 +418,8 @@ def twisted_smc(
     reverse_variance: ReverseVariances | None = None,
     tempering: str | float | None = None,
     tempering_ess: float = 0.5,
+    proposal: str = "gradient",
+    twist_covariance: str = "isotropic",
     seed: int | None = None,
     progress: bool = False,
 ) -> PosteriorResult:
@@ -333,6 +453,12 @@ def twisted_smc(
             p̃_k^{λ_k}; the final likelihood is exact, so the target is unchanged.
         tempering_ess: with ``"adaptive"``, the smallest conditional ESS, as a fraction of N,
             that a step's incremental weights may leave.
+        proposal: ``"gradient"`` (default: the reverse step shifted by s_k² ∇ log p̃_k, capped
+            by ``max_drift``) or ``"gaussian"`` (the reverse step times the linearized twist,
+            drawn exactly; needs ``twist_variance`` ``"pigdm"`` or ``"analytic"``, not with
+            ``tempering``; ``max_drift`` unused).
+        twist_covariance: ``"isotropic"`` (default: (σ_y² + r_k) I) or ``"projected"``
+            (σ_y² I + A diag(r_k) Aᵀ).
         seed: seed for Pyro's and torch's generators (None: leave them as they are).
         progress: progress bar over the K levels.
 
@@ -362,6 +488,19 @@ def twisted_smc(
     if max_drift is not None and not max_drift > 0:
         raise ValueError(f"max_drift: expected None or a positive number, got {max_drift!r}")
     tempering = check_tempering(tempering, tempering_ess)
+    if twist_covariance not in TWIST_COVARIANCES:
+        raise ValueError(f"twist_covariance: expected one of {TWIST_COVARIANCES}, got {twist_covariance!r}")
+    if proposal not in PROPOSALS:
+        raise ValueError(f"proposal: expected one of {PROPOSALS}, got {proposal!r}")
+    if proposal == "gaussian" and tempering is not None:
+        raise ValueError(
+            "tempering: only with proposal='gradient' (the Gaussian proposal uses the untempered twist)"
+        )
+    if proposal == "gaussian" and twist_variance == "none":
+        raise ValueError(
+            "twist_variance: proposal='gaussian' needs a twist variance ('pigdm' or 'analytic'): with r_k = 0 "
+            "the twist says nothing about the denoiser's Jacobian"
+        )
     grid = inference_grid(diffusion, num_steps)
     variances = check_variances(diffusion, reverse_variance, grid)
     if twist_variance == "analytic" and variances is None:
@@ -374,7 +513,9 @@ def twisted_smc(
     event_dims = diffusion.event_dims
     dtype = torch.get_default_dtype()
     y = y.to(device=diffusion.device, dtype=dtype)
-    chain = _TwistedChain(diffusion, observation, y, grid, twist_variance, max_drift, variances)
+    chain = _TwistedChain(
+        diffusion, observation, y, grid, twist_variance, max_drift, variances, proposal, twist_covariance
+    )
     ess_trace: list[float] = []
     resampled: list[bool] = []
     log_evidence = 0.0
@@ -421,16 +562,21 @@ def twisted_smc(
         x, state = x[index], {key: value[index] for key, value in state.items()}
         log_weights = torch.full_like(log_weights, -math.log(N))
     for k in tqdm(range(K, 0, -1), desc="twisted SMC", disable=not progress, leave=False):
-        if k > 1:
+        if k > 1 and proposal == "gaussian":
+            x, log_ratio = chain.linearized_move(state, k)
+            new = chain.twist(x, k - 1)
+            increment = log_ratio + new["log_twist"] - state["log_twist"]
+            state = new
+        elif k > 1:
             prior = dist.Normal(state["loc"], state["scale"]).to_event(event_dims)
-            proposal = dist.Normal(state["loc"] + state["drift"], state["scale"]).to_event(event_dims)
-            x = proposal.sample()
+            move = dist.Normal(state["loc"] + state["drift"], state["scale"]).to_event(event_dims)
+            x = move.sample()
             if tempering is None:
                 new = chain.twist(x, k - 1)
-                increment = prior.log_prob(x) - proposal.log_prob(x) + new["log_twist"] - state["log_twist"]
+                increment = prior.log_prob(x) - move.log_prob(x) + new["log_twist"] - state["log_twist"]
             else:  # the same sums with the twists to the powers λ_{k−1}, λ_k
                 new = chain.twist(x, k - 1, drift=False)
-                base = prior.log_prob(x) - proposal.log_prob(x)
+                base = prior.log_prob(x) - move.log_prob(x)
                 lam_new = temperature(k - 1, base - lam * state["log_twist"], new["log_twist"], lam)
                 increment = base + lam_new * new["log_twist"] - lam * state["log_twist"]
                 new["drift"] = chain.drift(new.pop("score"), new["scale"], lam_new)
@@ -462,6 +608,8 @@ def twisted_smc(
             "log_evidence": log_evidence,
             "num_particles": N,
             "twist_variance": twist_variance,
+            "proposal": proposal,
+            "twist_covariance": twist_covariance,
             "ess_threshold": float(ess_threshold),
             "reverse_variance": "model" if variances is None else variances.estimator,
             **extra,
