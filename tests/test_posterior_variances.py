@@ -188,3 +188,52 @@ def test_a_docs_rewrite_keeps_the_sections_hand_written_notes(tmp_path):
         doc.read_text()
         == f"# Guide\n\n{title}\n\nnew table\n\n{notes} (by hand):\n\n* kept\n\n## 9. After\n\nkept too\n"
     )
+
+
+def test_the_prior_nuts_and_svi_take_the_analytic_variances():
+    from pyro_diffusion.inference import DiffusionPrior, nuts_conditional, svi_conditional
+
+    diffusion = mixture_diffusion(GAUSSIAN)
+    rv = analytic_variances(diffusion, _data(GAUSSIAN, 20000), num_steps=10, diagonal=True, seed=0)
+    prior = DiffusionPrior(diffusion, num_steps=10, reverse_variance=rv)
+    x = torch.zeros(5, 2)
+    for k in (1, 4, 10):
+        step = prior.step_distribution(x, k).base_dist
+        assert torch.allclose(step.scale, rv.scale(k, step.loc))
+    plain = DiffusionPrior(diffusion, num_steps=10).step_distribution(x, 4).base_dist
+    assert torch.allclose(prior.step_distribution(x, 4).base_dist.loc, plain.loc)
+    # the prior's chain is the analytic one: its marginal variance is the data's (the model's
+    # "small" variances give a visibly narrower one, see the test above)
+    torch.manual_seed(0)
+    noise = {k: torch.randn(40000, 2) for k in range(11)}
+    draws = prior.chain_from_noise(noise).double()
+    assert torch.allclose(draws.var(0), GAUSSIAN.scales[0] ** 2, rtol=0.05)
+    observation = LinearObservation(torch.tensor([[0.6, 0.8]]), (2,), 0.3)
+    y = torch.tensor([0.2])
+    nuts = nuts_conditional(
+        diffusion,
+        observation,
+        y,
+        num_samples=4,
+        warmup_steps=4,
+        num_chains=2,
+        num_steps=10,
+        reverse_variance=rv,
+    )
+    svi = svi_conditional(
+        diffusion,
+        observation,
+        y,
+        num_iterations=5,
+        num_steps=10,
+        guide="noise-normal",
+        num_draws=8,
+        reverse_variance=rv,
+    )
+    assert nuts.draws.shape == (8, 2) and svi.draws.shape == (8, 2)
+    with pytest.raises(ValueError, match="reverse_variance"):
+        DiffusionPrior(diffusion, num_steps=20, reverse_variance=rv)  # estimated on another grid
+    with pytest.raises(ValueError, match="reverse_variance"):
+        DiffusionPrior(diffusion, num_steps=10, reverse_variance=rv, fine_tune=True)
+    with pytest.raises(ValueError, match="reverse_variance"):
+        nuts_conditional(diffusion, observation, y, num_samples=4, num_steps=20, reverse_variance=rv)

@@ -295,6 +295,7 @@ def nuts_conditional(
     potential: str = "vectorized",
     init=None,
     precondition: bool = False,
+    reverse_variance=None,
 ) -> PosteriorResult:
     """Sample p_θ(x_0 | y) by NUTS on the non-centred chain (see the module docstring).
 
@@ -330,6 +331,10 @@ def nuts_conditional(
         precondition: sample w with z = L w, :class:`LowRankPreconditioner` at each chain's
             starting point (``potential="vectorized"`` only).
 
+        reverse_variance: None (the model's reverse variances) or per-level variances from
+            :func:`~pyro_diffusion.inference.variances.analytic_variances` on the K-level grid:
+            the chain whose conditional is sampled (as in :class:`DiffusionPrior`).
+
     Returns:
         a :class:`~pyro_diffusion.inference.result.PosteriorResult` with ``draws``
         ``(num_chains · num_samples, *event_shape)`` chain-major (``num_chains`` set;
@@ -354,7 +359,9 @@ def nuts_conditional(
         raise ValueError(f"potential: expected one of {POTENTIALS}, got {potential!r}")
     if precondition and potential != "vectorized":
         raise ValueError("precondition: needs potential='vectorized' (one noise site to transform)")
-    prior = DiffusionPrior(diffusion, num_steps=num_steps, decoder="gaussian")
+    prior = DiffusionPrior(
+        diffusion, num_steps=num_steps, decoder="gaussian", reverse_variance=reverse_variance
+    )
     names = prior.site_names("x")
     site = noise_site("x")
     K = prior.num_steps

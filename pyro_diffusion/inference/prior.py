@@ -144,6 +144,11 @@ class DiffusionPrior:
         module_name: the param-store name used when ``fine_tune`` (default: ``diffusion.name``).
         decoder: ``"model"`` (default: the diffusion's own decoder) or ``"gaussian"`` (the
             continuous relaxation of a discretized decoder, for gradient-based inference).
+        reverse_variance: None (the model's reverse variances) or per-level variances from
+            :func:`~pyro_diffusion.inference.variances.analytic_variances` on the same grid:
+            every step x_{k−1} | x_k, and the decoder (then always Gaussian), keeps the model's
+            mean and takes the estimated variance, the chain whose conditional the samplers
+            that take the same argument target.
 
     Example::
 
@@ -166,7 +171,10 @@ class DiffusionPrior:
         fine_tune: bool = False,
         module_name: str | None = None,
         decoder: str = "model",
+        reverse_variance=None,
     ) -> None:
+        from .variances import check_variances
+
         check_diffusion(diffusion)
         if decoder not in ("model", "gaussian"):
             raise ValueError(f"decoder: expected 'model' or 'gaussian', got {decoder!r}")
@@ -175,7 +183,12 @@ class DiffusionPrior:
         self.fine_tune = bool(fine_tune)
         self.module_name = module_name or diffusion.name
         self.decoder = decoder
-        inference_grid(diffusion, self.grid_size)  # refuse a grid the schedule cannot give, now
+        grid = inference_grid(diffusion, self.grid_size)  # refuse a grid the schedule cannot give, now
+        if reverse_variance is not None and self.fine_tune:
+            raise ValueError(
+                "reverse_variance: estimated variances belong to a frozen model, not with fine_tune"
+            )
+        self.reverse_variance = check_variances(diffusion, reverse_variance, grid)
 
     # ------------------------------------------------------------------ the grid
     @property
@@ -231,14 +244,18 @@ class DiffusionPrior:
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= K:
             raise ValueError(f"k: expected a level 1..{K} of the grid, got {k!r}")
         d = self.diffusion
+        variances = self.reverse_variance
         if k == 1:
             decoder = d.decoder_distribution(x_t, grid[0])
-            if self.decoder == "gaussian":
+            if self.decoder == "gaussian" or variances is not None:
                 decoder = relaxed(decoder)
+            if variances is not None:
+                decoder = dist.Normal(decoder.loc, variances.scale(1, decoder.loc))
             return decoder.to_event(d.event_dims)
         p, _ = d.reverse_step(x_t, grid[k - 2], grid[k - 1])
+        scale = p.scale if variances is None else variances.scale(k, p.loc)
         # a plain Normal (the step's loc and scale): reparameterizations rebuild it by type
-        return dist.Normal(p.loc, p.scale).to_event(d.event_dims)
+        return dist.Normal(p.loc, scale).to_event(d.event_dims)
 
     def _context(self):
         if self.fine_tune:

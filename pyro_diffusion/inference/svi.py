@@ -119,6 +119,7 @@ def svi_conditional(
     progress: bool = False,
     guide: str = "mean-field",
     rank: int = 8,
+    reverse_variance=None,
 ) -> PosteriorResult:
     """Fit q_φ to p_θ(x_0 | y) by SVI (see the module docstring): by default a mean-field
     Normal q_φ(x_0) with the forward chain as the guide of x_{1:K}.
@@ -136,6 +137,9 @@ def svi_conditional(
         guide: ``"mean-field"`` (default), ``"noise-normal"`` or ``"noise-lowrank"``
             (module docstring).
         rank: the rank of ``"noise-lowrank"``'s covariance.
+        reverse_variance: None (the model's reverse variances) or per-level variances from
+            :func:`~pyro_diffusion.inference.variances.analytic_variances` on the K-level grid:
+            the chain whose conditional is fitted (as in :class:`DiffusionPrior`).
 
     Returns:
         a :class:`~pyro_diffusion.inference.result.PosteriorResult` whose ``diagnostics``
@@ -173,8 +177,11 @@ def svi_conditional(
             num_draws,
             seed,
             progress,
+            reverse_variance,
         )
-    prior = DiffusionPrior(diffusion, num_steps=num_steps, decoder="gaussian")
+    prior = DiffusionPrior(
+        diffusion, num_steps=num_steps, decoder="gaussian", reverse_variance=reverse_variance
+    )
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     shape = diffusion.event_shape
@@ -258,11 +265,14 @@ def _svi_noise(
     num_draws,
     seed,
     progress,
+    reverse_variance=None,
 ) -> PosteriorResult:
     """SVI with an autoguide over the non-centred chain's noises (module docstring)."""
     from .nuts import chain_x0, noise_model, noise_site
 
-    prior = DiffusionPrior(diffusion, num_steps=num_steps, decoder="gaussian")
+    prior = DiffusionPrior(
+        diffusion, num_steps=num_steps, decoder="gaussian", reverse_variance=reverse_variance
+    )
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     site = noise_site("x")
