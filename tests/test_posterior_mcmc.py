@@ -245,6 +245,18 @@ def test_the_quick_run_writes_only_under_out(tmp_path):
     assert "exact (floor)" in table and "nuts" in table
 
 
+def test_the_quick_run_takes_the_rows_with_analytic_variances(tmp_path):
+    from pyro_diffusion.experiments import posterior_mcmc
+
+    out = tmp_path / "mcmc"
+    methods = ["tds@K", "tds@K-av", "nuts-av", "svi-av"]
+    posterior_mcmc.main(["--quick", "--out", str(out), "--no-progress", "--methods", *methods])
+    rows = json.loads((out / "results.json").read_text())["summary"][0]["methods"]
+    assert set(methods) <= set(rows)
+    assert rows["nuts-av"]["network_calls"] > rows["tds@K-av"]["network_calls"] > 0
+    assert rows["svi-av"]["seconds"] > 0 and rows["tds@K-av"]["sw"] > 0
+
+
 def test_write_docs_inserts_or_replaces_only_section_9(tmp_path):
     from pyro_diffusion.experiments.posterior_mcmc import SECTION_TITLE, write_docs
 

@@ -19,7 +19,12 @@ Methods (``--methods``):
   preconditioner, JIT-compiled potential; ``nuts-plain`` the same without preconditioner;
 * ``svi`` — :func:`~pyro_diffusion.inference.svi.svi_conditional` with the diagonal Normal
   guide over the chain's noises (``guide="noise-normal"``); ``svi-lowrank`` the low-rank
-  guide; ``svi-x0`` the mean-field Normal over x_0 with the forward chain as guide.
+  guide; ``svi-x0`` the mean-field Normal over x_0 with the forward chain as guide;
+* ``tds@K-av``, ``nuts-av``, ``nuts-plain-av``, ``svi-av`` — the same on the chain with the
+  per-level reverse variances of :func:`~pyro_diffusion.inference.variances.analytic_variances`
+  (diagonal, from ``variance_samples`` prior draws standing in for training data, once per
+  model), the start ``tds@K-av`` with the Gaussian proposal, the analytic twist variance and the
+  projected twist covariance.
 
 Run ``python -m pyro_diffusion.experiments.posterior_mcmc --out runs/posterior_mcmc``
 (``--quick``: one small problem, well under a minute; ``--docs`` also writes the table as
@@ -46,12 +51,25 @@ from tqdm.auto import tqdm
 from ..inference.nuts import nuts_conditional
 from ..inference.smc import twisted_smc
 from ..inference.svi import svi_conditional
+from ..inference.variances import analytic_variances
 from .posterior_study import replace_section, setup_problem
 
 __all__ = ["MCMCConfig", "METHODS", "run_problem", "summarize", "markdown_table", "write_docs", "main"]
 
 SECTION_TITLE = "## 9. NUTS and SVI at dimension 8–64 (2026-12-01)"
-METHODS = ("tds", "tds@K", "nuts", "nuts-plain", "svi", "svi-lowrank", "svi-x0")
+METHODS = (
+    "tds",
+    "tds@K",
+    "nuts",
+    "nuts-plain",
+    "svi",
+    "svi-lowrank",
+    "svi-x0",
+    "tds@K-av",
+    "nuts-av",
+    "nuts-plain-av",
+    "svi-av",
+)
 DEFAULT_METHODS = ("tds", "tds@K", "nuts", "nuts-plain", "svi", "svi-x0")
 
 
@@ -78,9 +96,11 @@ class MCMCConfig:
         noise_range=(0.03, 1.0),
         noise_levels: int = 10,
         num_projections: int = 200,
+        variance_samples: int = 1000,
         methods=DEFAULT_METHODS,
         seed: int = 0,
     ) -> None:
+        self.variance_samples = variance_samples
         self.dims = tuple(dims)
         self.problems = tuple(problems)
         self.num_steps = num_steps
@@ -137,52 +157,78 @@ def run_problem(config: MCMCConfig, dim: int, num_observations: int, index: int)
         rows["tds"] = score(
             r.sample(n, generator), r.seconds, r.network_calls, r.network_calls * N, {"ess": r.ess}
         )
-    init = None
-    if {"tds@K", "nuts", "nuts-plain"} & set(methods):
+    data = None
+    if any(name.endswith("-av") for name in methods):
+        # per-level reverse variances on the K-level grid from prior draws standing in for
+        # training data (as in the posterior study's -av rows; once per model)
+        data = problem.mixture.sample(config.variance_samples, torch.Generator().manual_seed(seed + 7))
+        variances = analytic_variances(
+            diffusion, data.to(torch.get_default_dtype()), num_steps=K, diagonal=True, seed=seed
+        )
+    for suffix in ("", "-av"):
+        wanted = [f"{name}{suffix}" for name in ("tds@K", "nuts", "nuts-plain")]
+        if not set(wanted) & set(methods):
+            continue
+        rv = variances if suffix else None
+        # the start: twisted SMC on the K-level grid (with the variances: the Gaussian proposal,
+        # the analytic twist variance and the projected twist covariance)
+        extra = (
+            dict(proposal="gaussian", twist_variance="analytic", twist_covariance="projected")
+            if suffix
+            else {}
+        )
         N = config.init_particles
-        init = twisted_smc(diffusion, obs, y, num_particles=N, num_steps=K, seed=seed)
-        rows["tds@K"] = score(
+        init = twisted_smc(
+            diffusion, obs, y, num_particles=N, num_steps=K, seed=seed, reverse_variance=rv, **extra
+        )
+        rows[f"tds@K{suffix}"] = score(
             init.sample(n, generator),
             init.seconds,
             init.network_calls,
             init.network_calls * N,
             {"ess": init.ess},
         )
-    for name, precondition in (("nuts", True), ("nuts-plain", False)):
-        if name not in methods:
-            continue
-        r = nuts_conditional(
-            diffusion,
-            obs,
-            y,
-            num_samples=config.num_samples,
-            warmup_steps=config.warmup_steps,
-            num_chains=config.num_chains,
-            num_steps=K,
-            max_tree_depth=config.max_tree_depth,
-            vectorize_chains=True,
-            jit_compile=True,
-            init=init,
-            precondition=precondition,
-            seed=seed,
-        )
-        stats = r.diagnostics["sample_stats"]
-        evaluations = r.diagnostics["potential_evaluations"]
-        rows[name] = score(
-            r.draws,
-            r.seconds + init.seconds,  # the start is part of the method's cost
-            r.network_calls + init.network_calls,
-            r.network_calls * config.num_chains + init.network_calls * config.init_particles,
-            {
-                "potential_evaluations": evaluations,
-                "tree_size": float(stats["tree_size"][0].float().mean()),
-                "step_size": float(stats["step_size"][0, -1]),
-                "divergent": float(stats["diverging"][0].float().mean()),
-                "nuts_seconds": r.seconds,
-                "seconds_per_evaluation": r.seconds / max(evaluations, 1),
-            },
-        )
-    for name, guide in (("svi", "noise-normal"), ("svi-lowrank", "noise-lowrank"), ("svi-x0", "mean-field")):
+        for name, precondition in (("nuts", True), ("nuts-plain", False)):
+            if f"{name}{suffix}" not in methods:
+                continue
+            r = nuts_conditional(
+                diffusion,
+                obs,
+                y,
+                num_samples=config.num_samples,
+                warmup_steps=config.warmup_steps,
+                num_chains=config.num_chains,
+                num_steps=K,
+                max_tree_depth=config.max_tree_depth,
+                vectorize_chains=True,
+                jit_compile=True,
+                init=init,
+                precondition=precondition,
+                reverse_variance=rv,
+                seed=seed,
+            )
+            stats = r.diagnostics["sample_stats"]
+            evaluations = r.diagnostics["potential_evaluations"]
+            rows[f"{name}{suffix}"] = score(
+                r.draws,
+                r.seconds + init.seconds,  # the start is part of the method's cost
+                r.network_calls + init.network_calls,
+                r.network_calls * config.num_chains + init.network_calls * config.init_particles,
+                {
+                    "potential_evaluations": evaluations,
+                    "tree_size": float(stats["tree_size"][0].float().mean()),
+                    "step_size": float(stats["step_size"][0, -1]),
+                    "divergent": float(stats["diverging"][0].float().mean()),
+                    "nuts_seconds": r.seconds,
+                    "seconds_per_evaluation": r.seconds / max(evaluations, 1),
+                },
+            )
+    for name, guide in (
+        ("svi", "noise-normal"),
+        ("svi-lowrank", "noise-lowrank"),
+        ("svi-x0", "mean-field"),
+        ("svi-av", "noise-normal"),
+    ):
         if name not in methods:
             continue
         r = svi_conditional(
@@ -196,6 +242,7 @@ def run_problem(config: MCMCConfig, dim: int, num_observations: int, index: int)
             init_scale=1.0 if guide != "mean-field" else 0.3,
             num_draws=n,
             guide=guide,
+            reverse_variance=variances if name.endswith("-av") else None,
             seed=seed,
         )
         rows[name] = score(
