@@ -43,7 +43,10 @@ SHRINK = {
         ("sample((2000,))", "sample((400,))"),
     ],
     "smc": [("num_particles=4000", "num_particles=400"), ("smc.sample(2000)", "smc.sample(400)")],
-    "smc-dense": [("mixture.sample(1000)", "mixture.sample(400)"), ("num_particles=1000", "num_particles=200")],
+    "smc-dense": [
+        ("mixture.sample(1000)", "mixture.sample(400)"),
+        ("num_particles=1000", "num_particles=200"),
+    ],
     "nuts": [
         ("num_samples=100, warmup_steps=100", "num_samples=10, warmup_steps=10"),
         ("max_tree_depth=5", "max_tree_depth=3"),
@@ -130,7 +133,9 @@ def test_recipe_smc(session):
 def test_recipe_smc_dense(session):
     ns = run(session, "smc-dense")
     result = ns["smc_dense"]
-    assert result.diagnostics["proposal"] == "gaussian" and result.diagnostics["twist_covariance"] == "projected"
+    assert (
+        result.diagnostics["proposal"] == "gaussian" and result.diagnostics["twist_covariance"] == "projected"
+    )
     assert result.network_calls == 20 and 1 <= result.ess <= 200
     assert math.isfinite(result.diagnostics["log_evidence"])
 

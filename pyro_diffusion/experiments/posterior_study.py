@@ -167,6 +167,9 @@ def default_methods(config: StudyConfig) -> list[str]:
         "tds-av",
         f"tds@{small}",
         f"tds-av@{small}",
+        "tds-av-an-proj-gauss",
+        f"tds-av-an-proj-gauss@{small}",
+        f"tds-av-an-proj-gauss@{2 * small}x{max(2, config.num_steps // 2)}",
         "mcgdiff",
         f"mcgdiff-av@{small}",
         "ddrm",
@@ -740,6 +743,9 @@ def _addition_lines(summary: list[dict], additions: list[dict]) -> list[str]:
     for record in additions:
         names = record["methods"]
         cells = " and ".join(f"d = {d}, d_y = {m}" for d, m in record["cells"])
+        every = {(s["dim"], s["num_observations"]) for s in summary}
+        if len(record["cells"]) > 2 and {tuple(c) for c in record["cells"]} == every:
+            cells = "every cell"
         costs = []
         for name in names:
             runs = [s["methods"][name] for s in summary if name in s["methods"]]
@@ -762,6 +768,11 @@ def _addition_lines(summary: list[dict], additions: list[dict]) -> list[str]:
             if any(re.search(r"-t[0-9la]", n) for n in names)
             else ""
         )
+        if any(re.search(r"-an|-proj|-gauss", n) for n in names):
+            tempered += (
+                '; `-an`: `twist_variance="analytic"` (per coordinate), `-proj`: '
+                '`twist_covariance="projected"`, `-gauss`: `proposal="gaussian"`'
+            )
         lines += [
             f"Rows {', '.join(f'`{n}`' for n in names)} (`@NxK`: N particles on a K-level grid, N·K "
             f"per-datum evaluations per problem{tempered}) were added on {cells} by",
