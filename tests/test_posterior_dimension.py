@@ -289,11 +289,22 @@ def test_the_study_runs_gaussian_proposal_rows_and_refuses_bad_ones(tmp_path):
     plain = posterior_study.parse_method("tds@1000", config)
     assert plain["proposal"] == "gradient" and plain["twist_covariance"] == "isotropic"
     assert plain["analytic_twist"] is None
-    for bad in ("tds-an-gauss", "mcgdiff-gauss", "mcgdiff-av-proj", "tds-gauss-tlinear", "tds-gauss-proj"):
+    spec = posterior_study.parse_method("tds-av10-an-proj-gauss@1800x50", config)
+    assert spec["variances"] and spec["variance_levels"] == 10 and spec["particles"] == 1800
+    assert posterior_study.parse_method("tds-av@1000", config)["variance_levels"] is None
+    for bad in (
+        "tds-an-gauss",
+        "mcgdiff-gauss",
+        "mcgdiff-av-proj",
+        "mcgdiff-av10",
+        "tds-gauss-tlinear",
+        "tds-gauss-proj",
+        "tds-av0",
+    ):
         with pytest.raises(ValueError, match="^methods: "):
             posterior_study.parse_method(bad, config)
     out = tmp_path / "posterior"
-    methods = ["tds-proj-gauss@128x10", "tds-av-an-proj-gauss@128x10"]
+    methods = ["tds-proj-gauss@128x10", "tds-av-an-proj-gauss@128x10", "tds-av4-an-proj-gauss@128x10"]
     posterior_study.main(
         [
             "--quick",
@@ -312,4 +323,5 @@ def test_the_study_runs_gaussian_proposal_rows_and_refuses_bad_ones(tmp_path):
     for name in methods:
         assert rows[name]["network_calls"] == 10 and rows[name]["evaluations"] == 1280
         assert rows[name]["sw"] > 0
-    assert rows["tds-av-an-proj-gauss@128x10"]["setup_evaluations"] > 0
+    full, few = rows["tds-av-an-proj-gauss@128x10"], rows["tds-av4-an-proj-gauss@128x10"]
+    assert full["setup_evaluations"] == 10 * few["setup_evaluations"] / 4 > 0

@@ -27,7 +27,8 @@ shows the λ with the lowest median per cell, which favours DPS).  ``methods`` s
 ``@NxK`` (N particles on a K-level grid instead of ``num_steps``; ``-av`` rows then estimate their
 variances on that grid), twisted SMC also with tempered twists (``-tlinear``, ``-tP`` for the
 exponent P, ``-tadaptive`` or ``-tadaptiveF`` for a conditional-ESS fraction F, before ``@``)
-or with ``-an`` (after ``-av``: the analytic twist variance, per coordinate), ``-proj`` (the
+or with ``-an`` (after ``-av``: the analytic twist variance, per coordinate; ``-avL``: the
+variances estimated at L levels and interpolated, ``analytic_variances(num_levels=L)``), ``-proj`` (the
 projected twist covariance σ_y² I + A diag(r_k) Aᵀ) and ``-gauss`` (the Gaussian proposal), in
 that order, ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
 into draws by ``draw_scheme`` resampling.  The budget is read two ways: network calls per
@@ -179,7 +180,7 @@ def default_methods(config: StudyConfig) -> list[str]:
 
 
 _SMC_NAME = re.compile(
-    r"(tds|mcgdiff)(-av)?(-an)?(-proj)?(-gauss)?(?:-t(linear|adaptive(?:0?\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?))?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?"
+    r"(tds|mcgdiff)(-av([1-9][0-9]*)?)?(-an)?(-proj)?(-gauss)?(?:-t(linear|adaptive(?:0?\.[0-9]+)?|[0-9]+(?:\.[0-9]+)?))?(?:@([1-9][0-9]*)(?:x([1-9][0-9]*))?)?"
 )
 
 
@@ -199,6 +200,7 @@ def parse_method(name: str, config: StudyConfig) -> dict:
     spec = {
         "kind": name,
         "variances": False,
+        "variance_levels": None,
         "tempering": None,
         "proposal": "gradient",
         "twist_covariance": "isotropic",
@@ -208,7 +210,9 @@ def parse_method(name: str, config: StudyConfig) -> dict:
     }
     match = _SMC_NAME.fullmatch(name)
     if match:
-        kind, av, an, proj, gauss, tempering, particles, levels = match.groups()
+        kind, av, av_levels, an, proj, gauss, tempering, particles, levels = match.groups()
+        if av_levels is not None and kind != "tds":
+            raise ValueError(f"methods: {name!r}: only tds rows take -avL (variances at L levels)")
         if an is not None and (kind != "tds" or av is None):
             raise ValueError(f"methods: {name!r}: -an (the analytic twist variance) needs a tds-av row")
         if proj is not None and kind != "tds":
@@ -223,6 +227,7 @@ def parse_method(name: str, config: StudyConfig) -> dict:
         spec.update(
             kind=kind,
             variances=av is not None,
+            variance_levels=None if av_levels is None else int(av_levels),
             tempering=_tempering(tempering),
             proposal="gradient" if gauss is None else "gaussian",
             twist_covariance="isotropic" if proj is None else "projected",
@@ -243,7 +248,7 @@ def parse_method(name: str, config: StudyConfig) -> dict:
         if math.isfinite(lam) and lam > 0:
             return {**spec, "kind": "dps", "step_per_level": lam}
     raise ValueError(
-        f"methods: unknown method {name!r} (expected tds[-av][-an][-proj][-gauss][-tT][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
+        f"methods: unknown method {name!r} (expected tds[-av[L]][-an][-proj][-gauss][-tT][@N[xK]], mcgdiff[-av][@N[xK]], ddrm, "
         "replacement or dps@λ)"
     )
 
@@ -350,21 +355,23 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
     data = problem.mixture.sample(config.variance_samples, torch.Generator().manual_seed(seed + 7))
     estimated = {}
 
-    def variances_on(levels):
-        if levels not in estimated:
+    def variances_on(levels, estimate_levels=None):
+        key = (levels, estimate_levels)
+        if key not in estimated:
             start = time.perf_counter()
             v = analytic_variances(
                 diffusion,
                 data.to(torch.get_default_dtype()),
                 num_steps=levels,
                 diagonal=config.variance_diagonal,
+                num_levels=estimate_levels,
                 seed=seed,
             )
-            estimated[levels] = (
+            estimated[key] = (
                 v,
                 {"setup_seconds": time.perf_counter() - start, "setup_evaluations": v.evaluations},
             )
-        return estimated[levels]
+        return estimated[key]
 
     twist = "analytic" if config.analytic_twist else "pigdm"
     scheme = config.draw_scheme
@@ -378,8 +385,9 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
         proposal="gradient",
         covariance="isotropic",
         analytic_twist=None,
+        variance_levels=None,
     ):
-        reverse_variance, setup = variances_on(levels) if use_variances else (None, {})
+        reverse_variance, setup = variances_on(levels, variance_levels) if use_variances else (None, {})
         row_twist = "analytic" if analytic_twist else twist
         r = twisted_smc(
             diffusion,
@@ -448,6 +456,7 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
                 spec["proposal"],
                 spec["twist_covariance"],
                 spec["analytic_twist"],
+                spec["variance_levels"],
             )
         elif kind == "mcgdiff":
             mcgdiff_row(name, spec["particles"], spec["num_steps"], spec["variances"])
@@ -919,7 +928,7 @@ def main(argv=None) -> dict:
         "--methods",
         nargs="+",
         default=None,
-        help="only these rows (tds[-av][-an][-proj][-gauss][-tT][@N[xK]], T linear|adaptive|exponent; mcgdiff[-av][@N[xK]], "
+        help="only these rows (tds[-av[L]][-an][-proj][-gauss][-tT][@N[xK]], T linear|adaptive|exponent; mcgdiff[-av][@N[xK]], "
         "ddrm, replacement, dps@λ)",
     )
     parser.add_argument(

@@ -129,6 +129,18 @@ def ancestral_sample(
     return x
 
 
+def _interpolate(gamma_hat: torch.Tensor, at: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Γ ``(L, *shape)`` estimated at the levels ``at`` (L,), increasing, to every level of
+    ``grid`` (K,): linear in γ on logit Γ (exact for Gaussian data, where logit Γ = γ − log s²
+    per coordinate), extrapolated linearly beyond the ends; Γ clipped to [1e-12, 1 − 1e-12]."""
+    tiny = 1e-12
+    logit = torch.logit(gamma_hat.clamp(tiny, 1.0 - tiny))
+    right = torch.searchsorted(at, grid).clamp(1, at.shape[0] - 1)
+    left = right - 1
+    t = ((grid - at[left]) / (at[right] - at[left])).reshape(-1, *([1] * (gamma_hat.dim() - 1)))
+    return torch.sigmoid((1 - t) * logit[left] + t * logit[right])
+
+
 @torch.no_grad()
 def analytic_variances(
     diffusion: Diffusion,
@@ -138,6 +150,7 @@ def analytic_variances(
     num_samples: int = 1000,
     estimator: str = "analytic",
     diagonal: bool = False,
+    num_levels: int | None = None,
     seed: int | None = None,
     progress: bool = False,
 ) -> ReverseVariances:
@@ -155,6 +168,10 @@ def analytic_variances(
         estimator: ``"analytic"`` (1 − E‖ε̂‖²/D, clipped to [0, 1]) or ``"residual"``
             (E‖ε − ε̂‖²/D).
         diagonal: one variance per coordinate instead of their mean.
+        num_levels: None (default: Γ_k estimated at every level, M · K evaluations) or L ≥ 2:
+            Γ estimated at L levels of the grid evenly spaced in index (both ends included) and
+            interpolated to the others, linearly in γ on logit Γ (exact for Gaussian data),
+            M · L evaluations.
         seed: seed of the noise draws (None: torch's global generator).
         progress: a progress bar over the K levels.
 
@@ -170,6 +187,11 @@ def analytic_variances(
         raise ValueError(f"diagonal: expected a bool, got {diagonal!r}")
     grid = inference_grid(diffusion, num_steps)
     K = grid.shape[0]
+    if num_levels is not None:
+        num_levels = check_num_steps(num_levels, "num_levels", 2)
+    levels = list(range(1, K + 1))
+    if num_levels is not None and num_levels < K:
+        levels = sorted({round(1 + i * (K - 1) / (num_levels - 1)) for i in range(num_levels)})
     evaluations = 0
     if data is None:
         M = check_num_steps(num_samples, "num_samples", 2)
@@ -192,7 +214,7 @@ def analytic_variances(
     reduce = (0,) if diagonal else tuple(range(x0.dim()))
     gamma_hat = []
     with frozen(diffusion):
-        for k in tqdm(range(1, K + 1), desc="analytic variances", disable=not progress, leave=False):
+        for k in tqdm(levels, desc="analytic variances", disable=not progress, leave=False):
             gamma = grid[k - 1]
             eps = torch.randn(x0.shape, dtype=dtype, device=diffusion.device, generator=generator)
             z = diffusion.marginal(x0, gamma).loc + torch.sigmoid(gamma).sqrt().to(dtype) * eps
@@ -204,8 +226,12 @@ def analytic_variances(
             else:
                 g = 1.0 - (eps.to(torch.float64) - eps_hat).pow(2).mean(reduce)
             gamma_hat.append(g)
-    evaluations += M * K
-    gamma_hat = torch.stack(gamma_hat)  # (K, *shape)
+    evaluations += M * len(levels)
+    gamma_hat = torch.stack(gamma_hat)  # (L, *shape)
+    if len(levels) < K:
+        gamma_hat = _interpolate(
+            gamma_hat, grid[[k - 1 for k in levels]].to(torch.float64), grid.to(torch.float64)
+        )
     spread = (1.0 - gamma_hat).clamp(min=0.0)  # the conditional variance of ε given x_k, per coordinate
     variances = torch.empty_like(gamma_hat)
     # decoder: Var(x_0 | x_1) = (σ_1²/α_1²) (1 − Γ_1)
