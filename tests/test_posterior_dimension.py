@@ -193,6 +193,9 @@ def test_the_quick_study_writes_only_under_out(tmp_path):
         strict = cell["readings"]["evaluations"]["best"]
         assert methods[strict]["max_evaluations"] <= cell["budget"]
         assert methods["tds-av@256"]["setup_evaluations"] == 200 * 20
+        # counting the variance estimate too: within the budget with it
+        counted = cell["readings"]["evaluations with setup"]["best"]
+        assert methods[counted]["max_evaluations"] + methods[counted]["setup_evaluations"] <= cell["budget"]
     table = (out / "table.md").read_text()
     assert "exact (floor)" in table and "evaluations ≤ 1e5" in table
 
