@@ -31,9 +31,10 @@ or with ``-an`` (after ``-av``: the analytic twist variance, per coordinate; ``-
 variances estimated at L levels and interpolated, ``analytic_variances(num_levels=L)``), ``-proj`` (the
 projected twist covariance σ_y² I + A diag(r_k) Aᵀ) and ``-gauss`` (the Gaussian proposal), in
 that order, ``ddrm``, ``replacement`` and ``dps@λ``; ``cells`` selects (d, d_y) cells.  Weighted particles are turned
-into draws by ``draw_scheme`` resampling.  The budget is read two ways: network calls per
-problem (one batched call counts once) and per-datum evaluations (a call on N particles counts
-N; the variance estimate is per model and counted apart, ``setup_evaluations``); under each the
+into draws by ``draw_scheme`` resampling.  The budget is read three ways: network calls per
+problem (one batched call counts once), per-datum evaluations (a call on N particles counts
+N; the variance estimate is per model and counted apart, ``setup_evaluations``), and
+per-datum evaluations with the variance estimate counted on every problem; under each the
 best sampler within ``evaluation_budget`` is compared with the best DPS by a Wilcoxon
 signed-rank test over the problems of a cell on the difference of SW.
 
