@@ -172,6 +172,7 @@ def default_methods(config: StudyConfig) -> list[str]:
         "tds-av-an-proj-gauss",
         f"tds-av-an-proj-gauss@{small}",
         f"tds-av-an-proj-gauss@{2 * small}x{max(2, config.num_steps // 2)}",
+        f"tds-av10-an-proj-gauss@{9 * small // 5}x{max(2, config.num_steps // 2)}",
         "mcgdiff",
         f"mcgdiff-av@{small}",
         "ddrm",
