@@ -330,11 +330,14 @@ class _TwistedChain:
         if self.twist_covariance == "isotropic":
             scale = math.sqrt(self.noise_var + self.twist_allowance(k))
             return dist.Normal(mean_y, scale).to_event(1)
-        key = (k, mean_y.dtype, mean_y.device)
+        return dist.MultivariateNormal(mean_y, scale_tril=self.twist_cholesky(k, mean_y.dtype, mean_y.device))
+
+    def twist_cholesky(self, k: int, dtype, device) -> torch.Tensor:
+        """The Cholesky factor of :meth:`twist_covariance_matrix` (computed once per level)."""
+        key = (k, dtype, device)
         if key not in self._cholesky:
-            cov = self.twist_covariance_matrix(k, mean_y.dtype, mean_y.device)
-            self._cholesky[key] = torch.linalg.cholesky(cov)
-        return dist.MultivariateNormal(mean_y, scale_tril=self._cholesky[key])
+            self._cholesky[key] = torch.linalg.cholesky(self.twist_covariance_matrix(k, dtype, device))
+        return self._cholesky[key]
 
     def jacobian_scale(self, k: int, dtype, device) -> torch.Tensor:
         """c_k ``(D,)``: the diagonal standing in for the Jacobian ∂x̂_0/∂x_k of the denoiser at
@@ -350,12 +353,15 @@ class _TwistedChain:
             )
         return alpha * r / float(torch.sigmoid(gamma))
 
-    def gaussian_move(self, loc, var, mean_y, gain, noise_cov: torch.Tensor, likelihood: bool = False):
+    def gaussian_move(
+        self, loc, var, mean_y, gain, noise_cov: torch.Tensor, likelihood: bool = False, noise_tril=None
+    ):
         """Draws from N(x; μ, diag v) · N(y; A m + A diag(c) (x − μ), R) / Z per particle
         (Matheron's rule: no D × D matrix), with ``loc`` μ ``(n, D)``, ``var`` v ``(n, D)``,
         ``mean_y`` A m ``(n, m)``, ``gain`` c (a number or ``(D,)``) and ``noise_cov`` R
-        ``(m, m)``.  Returns the draws, log Z = log N(y; A m, A diag(c² v) Aᵀ + R) and, with
-        ``likelihood``, the log of the Gaussian factor at the draws."""
+        ``(m, m)`` (``noise_tril``: its Cholesky factor, if known).  Returns the draws,
+        log Z = log N(y; A m, A diag(c² v) Aᵀ + R) and, with ``likelihood``, the log of the
+        Gaussian factor at the draws."""
         n = loc.shape[0]
         A = self.observation.matrix.to(device=loc.device, dtype=loc.dtype)
         m = A.shape[0]
@@ -367,7 +373,8 @@ class _TwistedChain:
         log_norm = dist.MultivariateNormal(mean_y, covariance_matrix=cov_y).log_prob(y)
         # Matheron: x' ~ N(μ, diag v), y' = A m + c A (x' − μ) + √R η, x = x' + c diag(v) Aᵀ S⁻¹ (y − y')
         x_prior = loc + var.sqrt() * torch.randn_like(loc)
-        noise_tril = torch.linalg.cholesky(noise_cov)
+        if noise_tril is None:
+            noise_tril = torch.linalg.cholesky(noise_cov)
         y_prior = (
             mean_y
             + (gain * (x_prior - loc)) @ A.T
@@ -401,7 +408,10 @@ class _TwistedChain:
         var = state["scale"].reshape(n, -1) ** 2
         gain = self.jacobian_scale(k - 1, loc.dtype, loc.device)
         noise_cov = self.twist_covariance_matrix(k - 1, loc.dtype, loc.device)
-        x, log_norm, factor = self.gaussian_move(loc, var, state["mean_y"], gain, noise_cov, likelihood=True)
+        noise_tril = self.twist_cholesky(k - 1, loc.dtype, loc.device)
+        x, log_norm, factor = self.gaussian_move(
+            loc, var, state["mean_y"], gain, noise_cov, likelihood=True, noise_tril=noise_tril
+        )
         return x.reshape(state["loc"].shape), log_norm - factor
 
 
