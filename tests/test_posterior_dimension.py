@@ -328,3 +328,19 @@ def test_the_study_runs_gaussian_proposal_rows_and_refuses_bad_ones(tmp_path):
         assert rows[name]["sw"] > 0
     full, few = rows["tds-av-an-proj-gauss@128x10"], rows["tds-av4-an-proj-gauss@128x10"]
     assert full["setup_evaluations"] == 10 * few["setup_evaluations"] / 4 > 0
+
+
+def test_another_stream_keeps_the_problems_and_redraws_the_samplers(tmp_path):
+    from pyro_diffusion.experiments import posterior_study
+
+    common = ["--quick", "--no-progress", "--num-problems", "1", "--cells", "8:4", "--methods", "tds@128x10"]
+    rows = {}
+    for stream in (0, 1):
+        out = tmp_path / f"s{stream}"
+        posterior_study.main([*common, "--out", str(out), "--stream", str(stream)])
+        rows[stream] = json.loads((out / "results.json").read_text())["problems"][0]["methods"]
+    assert rows[0]["floor"] == rows[1]["floor"] and rows[0]["ceiling"] == rows[1]["ceiling"]
+    assert rows[0]["tds@128x10"]["sw"] != rows[1]["tds@128x10"]["sw"]
+    with pytest.raises(SystemExit) as exit_info:
+        posterior_study.main([*common, "--out", str(tmp_path / "bad"), "--stream", "-1"])
+    assert exit_info.value.code == 2 and not (tmp_path / "bad").exists()

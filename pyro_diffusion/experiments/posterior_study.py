@@ -114,6 +114,7 @@ class StudyConfig:
         seed: int = 0,
         methods=None,
         cells=None,
+        stream: int = 0,
     ) -> None:
         self.dims = tuple(dims)
         self.num_problems = num_problems
@@ -136,6 +137,9 @@ class StudyConfig:
         self.seed = seed
         self.methods = None if methods is None else list(methods)
         self.cells = None if cells is None else [tuple(c) for c in cells]
+        if isinstance(stream, bool) or not isinstance(stream, int) or stream < 0:
+            raise ValueError(f"stream: expected an int >= 0, got {stream!r}")
+        self.stream = stream
         for name in self.methods or ():
             parse_method(name, self)
         for cell in self.cells or ():
@@ -349,6 +353,9 @@ def run_problem(config: StudyConfig, dim: int, num_observations: int, index: int
     setup = setup_problem(config, dim, num_observations, index)
     seed, problem, diffusion, score = setup.seed, setup.problem, setup.diffusion, setup.score
     sigma, generator = setup.noise_scale, setup.generator
+    if config.stream:  # the samplers' own random numbers from another stream; the problem is the same
+        pyro.set_rng_seed(seed + 100003 * config.stream)
+        generator.manual_seed(seed + 100003 * config.stream)
     obs, y, K, n = problem.observation, problem.y, config.num_steps, config.num_draws
     rows = {"floor": setup.floor, "ceiling": setup.ceiling}
     # per-level reverse variances (Analytic-DPM) from M draws of the prior, standing in for the
@@ -954,6 +961,12 @@ def main(argv=None) -> dict:
         action="store_true",
         help="add the rows run to the same problems of OUT/results.json instead of replacing it",
     )
+    parser.add_argument(
+        "--stream",
+        type=int,
+        default=0,
+        help="the samplers' random stream (0: the documented run's); the problems, reference and floor stay",
+    )
     parser.add_argument("--no-progress", action="store_true")
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -991,6 +1004,9 @@ def main(argv=None) -> dict:
             setattr(config, key, value)
     if args.dims:
         config.dims = tuple(args.dims)
+    if args.stream < 0:
+        parser.error(f"--stream: expected an int >= 0, got {args.stream}")
+    config.stream = args.stream
     if args.cells:
         config.cells = [parse_cell(c) for c in args.cells]
     if args.methods:
