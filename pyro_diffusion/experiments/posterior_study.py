@@ -42,7 +42,9 @@ Run ``python -m pyro_diffusion.experiments.posterior_study --out runs/posterior`
 for a run of under a minute; ``--docs`` also writes the table as section 8 of
 ``docs/prior.md``, replacing only that section up to its hand-written notes; ``--docs-from-results``
 writes it from ``OUT/results.json`` of an earlier run without running again; ``--merge`` adds the
-rows of a run with ``--methods`` / ``--cells`` to the same problems of ``OUT/results.json``).
+rows of a run with ``--methods`` / ``--cells`` to the same problems of ``OUT/results.json``;
+``--stream S`` draws the samplers' random numbers from another stream on the same problems,
+reference and floor, for the run-to-run spread).
 """
 
 from __future__ import annotations
