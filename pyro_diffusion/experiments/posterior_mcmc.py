@@ -157,7 +157,7 @@ def run_problem(config: MCMCConfig, dim: int, num_observations: int, index: int)
         rows["tds"] = score(
             r.sample(n, generator), r.seconds, r.network_calls, r.network_calls * N, {"ess": r.ess}
         )
-    data = None
+    variances = None
     if any(name.endswith("-av") for name in methods):
         # per-level reverse variances on the K-level grid from prior draws standing in for
         # training data (as in the posterior study's -av rows; once per model)

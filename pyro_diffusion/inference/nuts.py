@@ -330,7 +330,6 @@ def nuts_conditional(
             :func:`noise_from_draws` (seeded by ``seed``).
         precondition: sample w with z = L w, :class:`LowRankPreconditioner` at each chain's
             starting point (``potential="vectorized"`` only).
-
         reverse_variance: None (the model's reverse variances) or per-level variances from
             :func:`~pyro_diffusion.inference.variances.analytic_variances` on the K-level grid:
             the chain whose conditional is sampled (as in :class:`DiffusionPrior`).

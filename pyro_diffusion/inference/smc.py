@@ -97,7 +97,7 @@ __all__ = [
 
 TWIST_VARIANCES = ("pigdm", "none", "analytic")
 
-#: the twist's covariance in y: (σ_y² + r_k) I or σ_y² I + r_k A Aᵀ
+#: the twist's covariance in y: (σ_y² + r_k) I or σ_y² I + A diag(r_k) Aᵀ
 TWIST_COVARIANCES = ("isotropic", "projected")
 
 #: the proposals of the moves x_k → x_{k−1}
@@ -239,7 +239,7 @@ class _TwistedChain:
         self.diffusion = diffusion
         self.proposal = proposal
         self.twist_covariance = twist_covariance
-        self._cholesky = {}
+        self._covariances = {}
         self.variances = variances
         self.observation = observation
         self.y = y
@@ -285,7 +285,8 @@ class _TwistedChain:
             else:
                 prediction, variance_output = d.predict(x, grid[0], grid[0].new_tensor(-math.inf))
                 step = relaxed(d.decoder_distribution(x, grid[0], prediction, variance_output))
-            log_twist = self.twist_distribution(k, self.observation.mean(prediction.x0)).log_prob(self.y)
+            mean_y = self.observation.mean(prediction.x0)
+            log_twist = self.twist_distribution(k, mean_y).log_prob(self.y)
             if gradient:
                 (grad,) = torch.autograd.grad(log_twist.sum(), x)
         self.network_calls += 1
@@ -294,7 +295,7 @@ class _TwistedChain:
             scale = self.variances.scale(k, loc)
         state = {"loc": loc, "scale": scale, "log_twist": log_twist.detach()}
         if not gradient:
-            state["mean_y"] = self.observation.mean(prediction.x0.detach())
+            state["mean_y"] = mean_y
             return state
         score = scale**2 * grad
         if drift:
@@ -313,31 +314,30 @@ class _TwistedChain:
             drift = drift * (limit / norm.clamp(min=torch.finfo(norm.dtype).tiny)).clamp(max=1.0)
         return torch.nan_to_num(drift)
 
-    def twist_covariance_matrix(self, k: int, dtype, device) -> torch.Tensor:
-        """The twist's covariance at level k, ``(m, m)``: σ_y² I + r_k I (``"isotropic"``) or
-        σ_y² I + A diag(r_k) Aᵀ (``"projected"``: the conditional covariance of x_0 seen through
-        A; per coordinate with the analytic twist variance on per-coordinate estimates)."""
-        A = self.observation.matrix.to(device=device, dtype=dtype)
-        m = A.shape[0]
-        eye = torch.eye(m, dtype=dtype, device=device)
-        if self.twist_covariance == "projected":
-            cov = (A * self.allowance_vector(k, dtype, device)) @ A.T + self.noise_var * eye
-            return 0.5 * (cov + cov.T)
-        return (self.noise_var + self.twist_allowance(k)) * eye
+    def twist_covariance_matrix(self, k: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The twist's covariance at level k, ``(m, m)``, and its Cholesky factor (computed once
+        per level): σ_y² I + r_k I (``"isotropic"``) or σ_y² I + A diag(r_k) Aᵀ (``"projected"``:
+        the conditional covariance of x_0 seen through A; per coordinate with the analytic twist
+        variance on per-coordinate estimates)."""
+        key = (k, dtype, device)
+        if key not in self._covariances:
+            A = self.observation.matrix.to(device=device, dtype=dtype)
+            eye = torch.eye(A.shape[0], dtype=dtype, device=device)
+            if self.twist_covariance == "projected":
+                cov = (A * self.allowance_vector(k, dtype, device)) @ A.T + self.noise_var * eye
+                cov = 0.5 * (cov + cov.T)
+            else:
+                cov = (self.noise_var + self.twist_allowance(k)) * eye
+            self._covariances[key] = (cov, torch.linalg.cholesky(cov))
+        return self._covariances[key]
 
     def twist_distribution(self, k: int, mean_y: torch.Tensor) -> dist.Distribution:
         """p̃_k(y | x_k) as a distribution over y given A x̂_0(x_k) = ``mean_y`` ``(n, m)``."""
         if self.twist_covariance == "isotropic":
             scale = math.sqrt(self.noise_var + self.twist_allowance(k))
             return dist.Normal(mean_y, scale).to_event(1)
-        return dist.MultivariateNormal(mean_y, scale_tril=self.twist_cholesky(k, mean_y.dtype, mean_y.device))
-
-    def twist_cholesky(self, k: int, dtype, device) -> torch.Tensor:
-        """The Cholesky factor of :meth:`twist_covariance_matrix` (computed once per level)."""
-        key = (k, dtype, device)
-        if key not in self._cholesky:
-            self._cholesky[key] = torch.linalg.cholesky(self.twist_covariance_matrix(k, dtype, device))
-        return self._cholesky[key]
+        _, tril = self.twist_covariance_matrix(k, mean_y.dtype, mean_y.device)
+        return dist.MultivariateNormal(mean_y, scale_tril=tril)
 
     def jacobian_scale(self, k: int, dtype, device) -> torch.Tensor:
         """c_k ``(D,)``: the diagonal standing in for the Jacobian ∂x̂_0/∂x_k of the denoiser at
@@ -401,14 +401,14 @@ class _TwistedChain:
 
     def linearized_move(self, state: dict, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """From x_k (``state``) a draw of x_{k−1} from the reverse step times the level-(k − 1)
-        twist linearized about the step's mean, N(y; A x̂_0(x_k) + c_{k−1} A (x − μ), (σ_y² +
-        r_{k−1}) I), and log p_θ(x_{k−1} | x_k) − log q(x_{k−1}) = log Z − log of that factor."""
+        twist linearized about the step's mean, N(y; A x̂_0(x_k) + A diag(c_{k−1}) (x − μ),
+        R_{k−1}) with R the twist's covariance, and log p_θ(x_{k−1} | x_k) − log q(x_{k−1}) =
+        log Z − log of that factor."""
         n = state["loc"].shape[0]
         loc = state["loc"].reshape(n, -1)
         var = state["scale"].reshape(n, -1) ** 2
         gain = self.jacobian_scale(k - 1, loc.dtype, loc.device)
-        noise_cov = self.twist_covariance_matrix(k - 1, loc.dtype, loc.device)
-        noise_tril = self.twist_cholesky(k - 1, loc.dtype, loc.device)
+        noise_cov, noise_tril = self.twist_covariance_matrix(k - 1, loc.dtype, loc.device)
         x, log_norm, factor = self.gaussian_move(
             loc, var, state["mean_y"], gain, noise_cov, likelihood=True, noise_tril=noise_tril
         )

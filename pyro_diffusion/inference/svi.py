@@ -162,26 +162,24 @@ def svi_conditional(
         raise ValueError(f"guide: expected one of {GUIDES}, got {guide!r}")
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"rank: expected a positive int, got {rank!r}")
+    prior = DiffusionPrior(
+        diffusion, num_steps=num_steps, decoder="gaussian", reverse_variance=reverse_variance
+    )
     if guide != "mean-field":
         return _svi_noise(
-            diffusion,
+            prior,
             observation,
             y,
             guide,
             rank,
             num_iterations,
             num_particles,
-            num_steps,
             lr,
             init_scale,
             num_draws,
             seed,
             progress,
-            reverse_variance,
         )
-    prior = DiffusionPrior(
-        diffusion, num_steps=num_steps, decoder="gaussian", reverse_variance=reverse_variance
-    )
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     shape = diffusion.event_shape
@@ -252,27 +250,23 @@ def svi_conditional(
 
 
 def _svi_noise(
-    diffusion,
+    prior,
     observation,
     y,
     guide_name,
     rank,
     num_iterations,
     num_particles,
-    num_steps,
     lr,
     init_scale,
     num_draws,
     seed,
     progress,
-    reverse_variance=None,
 ) -> PosteriorResult:
-    """SVI with an autoguide over the non-centred chain's noises (module docstring)."""
+    """SVI with an autoguide over the non-centred chain's noises of ``prior`` (module docstring)."""
     from .nuts import chain_x0, noise_model, noise_site
 
-    prior = DiffusionPrior(
-        diffusion, num_steps=num_steps, decoder="gaussian", reverse_variance=reverse_variance
-    )
+    diffusion = prior.diffusion
     pyro.set_rng_seed(seed)
     pyro.clear_param_store()
     site = noise_site("x")
